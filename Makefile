@@ -1,0 +1,36 @@
+# Two entry points (see README): `make demo` and `make test`.
+# Both create .venv from the pinned stack if it is missing or out of date, then run.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.stfusion-installed
+FLAGFILE ?= configs/synthetic_motion.flags
+PYTEST_ARGS ?=
+
+export TF_CPP_MIN_LOG_LEVEL ?= 2
+# seqeval (a Model Garden dependency) ships only an sdist whose legacy build breaks
+# with current setuptools_scm; building it through PEP 517 works.
+export PIP_USE_PEP517 = 1
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: env demo test bench clean-env
+
+env: $(STAMP)
+
+$(STAMP): setup.cfg constraints.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -c constraints.txt pip setuptools wheel
+	$(PY) -m pip install -q -c constraints.txt -e '.[test,video]'
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m stfusion_tf.main --flagfile=$(FLAGFILE)
+
+test: $(STAMP)
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(PY) benchmarks/train_step.py
+
+clean-env:
+	rm -rf $(VENV)

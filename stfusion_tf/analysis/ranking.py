@@ -1,0 +1,137 @@
+"""Network level: sample fusion strategies from the learned gates and rank them
+with inherited weights (no retraining).
+
+Sampling follows the authors' selection code: each branch gate is dropped with
+its learned probability p (hard Bernoulli, keep = 1 - p), independently per gate
+and per strategy.  (The layer-level marginals use Eq. 7, 1 - sqrt(p); the two
+differ by design in the paper.)
+
+Scoring feeds each strategy's keep mask into the trained template through the
+gates' mask variables inside one ``tf.function``: no model rebuild, no retrace.
+The classifier's feature gate runs deterministically (x * (1 - p)).  The
+selection split is preprocessed once and cached in memory, so every strategy is
+scored on identical views.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Callable
+
+import numpy as np
+import tensorflow as tf
+
+from stfusion_tf import evaluation
+from stfusion_tf.model import gates as gates_lib
+from stfusion_tf.model.strategy import FusionStrategy
+from stfusion_tf.model.template import TemplateGates
+
+
+def sample_masks(drop_rates, num: int, seed: int) -> np.ndarray:
+    """[num, P, 2] keep masks with P(keep) = 1 - p per gate; reproducible per seed."""
+    p = np.asarray(drop_rates, np.float64)
+    rng = np.random.default_rng(seed)
+    return (rng.uniform(size=(num,) + p.shape) >= p).astype(np.float32)
+
+
+def sample_strategies(positions, drop_rates, num: int, seed: int) -> list[FusionStrategy]:
+    return [FusionStrategy.from_mask(positions, m) for m in sample_masks(drop_rates, num, seed)]
+
+
+class StrategyScorer:
+    """Scores keep masks on a fixed, cached evaluation dataset.
+
+    ``trace_count`` counts Python traces of the scoring function; it stays 1 per
+    input signature however many strategies are scored.
+    """
+
+    def __init__(self, model, gates: TemplateGates, dataset):
+        self.model = model
+        self.gates = gates
+        self.trace_count = 0
+        self.batches = [(x, y.numpy(), v.numpy()) for x, y, v in dataset]
+        if not self.batches:
+            raise ValueError("selection split is empty")
+        gates_lib.set_inference_mode(gates.s + gates.t, "mask")
+        if gates.head is not None:
+            gates_lib.set_inference_mode([gates.head], "expected")
+
+        @tf.function(reduce_retracing=True)
+        def _forward(mask, x):
+            self.trace_count += 1
+            self.gates.set_mask(tf.unstack(tf.reshape(mask, [-1, 2])))
+            return tf.nn.softmax(self.model(x, training=False), axis=-1)
+
+        self._forward = _forward
+
+    def score_mask(self, mask) -> dict:
+        mask = tf.convert_to_tensor(np.asarray(mask, np.float32))
+        scores, labels, vids = [], [], []
+        for x, y, v in self.batches:
+            scores.append(self._forward(mask, x).numpy())
+            labels.append(y)
+            vids.append(v)
+        return evaluation.summarise(np.concatenate(scores), np.concatenate(labels),
+                                    np.concatenate(vids))
+
+    def score(self, strategy: FusionStrategy) -> dict:
+        return self.score_mask(strategy.to_mask())
+
+
+def _fingerprint(drop_rates, seed, num) -> str:
+    h = hashlib.sha256(np.asarray(drop_rates, np.float64).round(8).tobytes())
+    h.update(f"{seed}:{num}".encode())
+    return h.hexdigest()[:16]
+
+
+def rank(scorer: StrategyScorer, positions, drop_rates, num: int, seed: int,
+         jsonl_path: str, log: Callable = print) -> list[dict]:
+    """Samples ``num`` strategies and scores each; results are appended to
+    ``jsonl_path`` as they come, and an interrupted run resumes where it stopped.
+
+    Duplicate samples are recognised and not scored twice.  Returns all rows
+    sorted best first (video top-1, then clip top-1).
+    """
+    fp = _fingerprint(drop_rates, seed, num)
+    done: dict[int, dict] = {}
+    if os.path.exists(jsonl_path):
+        with open(jsonl_path) as f:
+            lines = f.read().splitlines()
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash: its strategy is scored again
+            if row.get("fingerprint") == fp:
+                done[row["index"]] = row
+        if len(done) < len([l for l in lines if l.strip()]):
+            # Stale rows from other drop rates/seed or a torn line: rewrite cleanly.
+            tmp = jsonl_path + ".tmp"
+            with open(tmp, "w") as f:
+                for row in done.values():
+                    f.write(json.dumps(row) + "\n")
+            os.replace(tmp, jsonl_path)
+    if done:
+        log(f"resuming ranking: {len(done)}/{num} strategies already scored")
+    strategies = sample_strategies(positions, drop_rates, num, seed)
+    by_key = {row["key"]: row for row in done.values() if "duplicate_of" not in row}
+    with open(jsonl_path, "a") as f:
+        for i, st in enumerate(strategies):
+            if i in done:
+                continue
+            key = st.key()
+            if key in by_key:
+                row = dict(by_key[key], index=i, duplicate_of=by_key[key]["index"])
+            else:
+                row = {"index": i, "key": key, "code": st.code(), "units": list(st.units),
+                       "counts": st.counts(), "fingerprint": fp, **scorer.score(st)}
+                by_key[key] = row
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            done[i] = row
+            if (i + 1) % 10 == 0 or i + 1 == num:
+                log(f"ranked {i + 1}/{num}")
+    rows = [done[i] for i in range(num)]
+    return sorted(rows, key=lambda r: (-r["video_top1"], -r["clip_top1"], r["index"]))

@@ -1,0 +1,170 @@
+"""``--mode=analyze``: from a trained template to a readable report.
+
+Writes into ``<model_dir>/analysis/``: ``marginals.{json,csv,png}``,
+``ranking.jsonl`` (one scored strategy per line, resumable),
+``opt_strategy.json`` (the best sampled strategy, a FusionStrategy),
+``comparison.json`` (Opt vs uniform S / ST / S+ST on the reporting split),
+``observations.json`` and ``report.md``; the marginal chart also goes to
+TensorBoard under ``<model_dir>/tensorboard/analysis``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import tensorflow as tf
+
+from stfusion_tf.analysis import marginals as marg
+from stfusion_tf.analysis import ranking
+from stfusion_tf.data import pipeline, records
+from stfusion_tf.model.strategy import S, S_ST, ST, FusionStrategy
+from stfusion_tf.model.template import TemplateGates
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalysisConfig:
+    num_samples: int = 100
+    seed: int = 0
+    selection_split: str = "val"
+    report_split: str = "test"
+    top_k: int = 10
+
+
+def observations(positions, drop_rates, top_rows: list[dict]) -> dict:
+    """Numbers behind the paper's Observations I-III."""
+    m = marg.marginals(drop_rates)
+    n = len(positions)
+    half, third = n // 2, max(1, n // 3)
+    top_units = np.array([r["units"] for r in top_rows]) if top_rows else np.zeros((0, n))
+
+    def share(unit, sl):
+        return float(np.mean(top_units[:, sl] == unit)) if len(top_units) else float("nan")
+
+    usage = {u: float(m[:, j].sum()) for j, u in enumerate((S, ST, S_ST))}
+    return {
+        "I_fused_lower_vs_upper": {
+            "mean_P_S+ST_lower_half": float(m[:half, 2].mean()),
+            "mean_P_S+ST_upper_half": float(m[half:, 2].mean()),
+            "expected_unit_usage": usage,
+            "most_used_unit": max(usage, key=usage.get),
+            "topk_share_S+ST_lower_half": share(S_ST, slice(0, half)),
+            "topk_share_S+ST_upper_half": share(S_ST, slice(half, n)),
+        },
+        "II_st_in_top_layers": {
+            "mean_P_ST_bottom_third": float(m[:third, 1].mean()),
+            "mean_P_ST_top_third": float(m[n - third:, 1].mean()),
+            "topk_share_ST_bottom_third": share(ST, slice(0, third)),
+            "topk_share_ST_top_third": share(ST, slice(n - third, n)),
+        },
+        "III_s_usage": {
+            "mean_P_S": float(m[:, 0].mean()),
+            "max_P_S": float(m[:, 0].max()),
+            "topk_share_S": share(S, slice(0, n)),
+        },
+    }
+
+
+def _fmt(x):
+    return f"{100 * x:.1f}" if isinstance(x, float) and np.isfinite(x) else "–"
+
+
+def _write(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w" if isinstance(text, str) else "wb") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def analyze(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfig,
+            cfg: AnalysisConfig, log=print) -> dict:
+    out = os.path.join(model_dir, "analysis")
+    os.makedirs(out, exist_ok=True)
+    manifest = records.read_manifest(data_dir)
+    for split in (cfg.selection_split, cfg.report_split):
+        if split not in manifest["splits"]:
+            raise ValueError(f"split {split!r} not in {data_dir}; valid: "
+                             f"{', '.join(sorted(manifest['splits']))}")
+    if cfg.selection_split == cfg.report_split:
+        raise ValueError("selection and reporting splits must differ")
+    gates = TemplateGates(model)
+    positions, rates = gates.positions, gates.drop_rates()
+    rows = marg.marginals_table(positions, rates)
+    _write(os.path.join(out, "marginals.json"), marg.to_json(rows))
+    _write(os.path.join(out, "marginals.csv"), marg.to_csv(rows))
+
+    sel = ranking.StrategyScorer(model, gates, pipeline.eval_dataset(
+        data_dir, cfg.selection_split, input_cfg))
+    ranked = ranking.rank(sel, positions, rates, cfg.num_samples, cfg.seed,
+                          os.path.join(out, "ranking.jsonl"), log=log)
+    opt = FusionStrategy(positions, tuple(ranked[0]["units"]))
+    opt.save(os.path.join(out, "opt_strategy.json"))
+    png = marg.plot(positions, rates, best=opt, title=f"{manifest['name']}: layer-level marginals "
+                    "(bars) and best sampled strategy (dots)")
+    _write(os.path.join(out, "marginals.png"), png)
+    writer = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard", "analysis"))
+    with writer.as_default(step=0):
+        tf.summary.image("marginals_with_opt", tf.io.decode_png(png)[None])
+    writer.flush()
+
+    rep = ranking.StrategyScorer(model, gates, pipeline.eval_dataset(
+        data_dir, cfg.report_split, input_cfg))
+    comparison = {"Opt": {"code": opt.code(), **rep.score(opt)}}
+    for unit in (S_ST, S, ST):
+        st = FusionStrategy.uniform(positions, unit)
+        comparison[unit] = {"code": st.code(), **rep.score(st)}
+    log("reporting split, inherited weights: " + ", ".join(
+        f"{k} {_fmt(v['video_top1'])}" for k, v in comparison.items()))
+    unique = len({r["key"] for r in ranked})
+    obs = observations(positions, rates, ranked[: cfg.top_k])
+    result = {"dataset": manifest["name"], "selection_split": cfg.selection_split,
+              "report_split": cfg.report_split, "num_samples": cfg.num_samples,
+              "unique_samples": unique, "seed": cfg.seed, "comparison": comparison,
+              "observations": obs, "opt": opt.to_dict(),
+              "top": ranked[: cfg.top_k]}
+    records.write_json_atomic(os.path.join(out, "comparison.json"), comparison)
+    records.write_json_atomic(os.path.join(out, "observations.json"), obs)
+    _write(os.path.join(out, "report.md"), _report_md(result, rows))
+    log(f"analysis written to {out}")
+    return result
+
+
+def _report_md(r: dict, rows: list[dict]) -> str:
+    L = [f"# Probability-space analysis: {r['dataset']}", "",
+         f"Strategies sampled: {r['num_samples']} ({r['unique_samples']} unique), seed {r['seed']}. "
+         f"Ranked with inherited weights on split `{r['selection_split']}` (selection); "
+         f"reported on split `{r['report_split']}`, which played no part in the choice.", "",
+         "![marginals](marginals.png)", "",
+         "## Opt vs uniform strategies (inherited weights, reporting split)", "",
+         "| strategy | video top-1 | video top-5 | clip top-1 | code |", "|---|---|---|---|---|"]
+    for k, v in r["comparison"].items():
+        L.append(f"| {k} | {_fmt(v['video_top1'])} | {_fmt(v['video_top5'])} | "
+                 f"{_fmt(v['clip_top1'])} | `{v['code']}` |")
+    L += ["", "Uniform strategies here reuse the template's weights; stand-alone trained "
+          "networks are the generalisation experiment's job.", "",
+          f"## Top {len(r['top'])} sampled strategies (selection split)", "",
+          "| rank | sample | video top-1 | clip top-1 | S / ST / S+ST / none | code |",
+          "|---|---|---|---|---|---|"]
+    for i, t in enumerate(r["top"], 1):
+        c = t["counts"]
+        L.append(f"| {i} | {t['index']} | {_fmt(t['video_top1'])} | {_fmt(t['clip_top1'])} | "
+                 f"{c['S']} / {c['ST']} / {c['S+ST']} / {c['none']} | `{t['code']}` |")
+    o = r["observations"]
+    L += ["", "## Observations (paper §4.4)", "",
+          f"- **I** mean P(S+ST): lower half {_fmt(o['I_fused_lower_vs_upper']['mean_P_S+ST_lower_half'])}%, "
+          f"upper half {_fmt(o['I_fused_lower_vs_upper']['mean_P_S+ST_upper_half'])}%; most used unit "
+          f"overall: {o['I_fused_lower_vs_upper']['most_used_unit']}.",
+          f"- **II** mean P(ST): bottom third {_fmt(o['II_st_in_top_layers']['mean_P_ST_bottom_third'])}%, "
+          f"top third {_fmt(o['II_st_in_top_layers']['mean_P_ST_top_third'])}%; share of ST in the "
+          f"top strategies' top third: {_fmt(o['II_st_in_top_layers']['topk_share_ST_top_third'])}%.",
+          f"- **III** mean P(S) {_fmt(o['III_s_usage']['mean_P_S'])}% (max "
+          f"{_fmt(o['III_s_usage']['max_P_S'])}%); share of S units in the top strategies "
+          f"{_fmt(o['III_s_usage']['topk_share_S'])}%.", "",
+          "## Layer-level marginals (Eq. 7)", "",
+          "| position | p_S | p_T | P(S) | P(ST) | P(S+ST) | P(none) |", "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        L.append(f"| {row['position']} | {row['p_S']:.3f} | {row['p_T']:.3f} | {row['S']:.3f} | "
+                 f"{row['ST']:.3f} | {row['S+ST']:.3f} | {row['none']:.3f} |")
+    return "\n".join(L) + "\n"

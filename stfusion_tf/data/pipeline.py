@@ -1,0 +1,171 @@
+"""tf.data input pipeline over clip shards.
+
+Frame sampling, JPEG decoding, resizing, cropping and flipping use Model
+Garden's ``official.vision.ops.preprocess_ops_3d`` so that the clip
+preprocessing matches the reference video pipeline; only the sampled frames are
+decoded.  Training: dense consecutive frames with a stride from a random start,
+short side resized to a random size in [min_short_side, max_short_side], random
+crop, optional flip.  Evaluation: ``num_clips`` evenly spaced clips per video,
+short side resized, centre (or 3) crops; every clip of a video carries the
+video's index so scores can be averaged per video.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import tensorflow as tf
+from official.vision.ops import preprocess_ops_3d as ops3d
+
+from stfusion_tf.data import records
+
+MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+
+
+@dataclasses.dataclass(frozen=True)
+class InputConfig:
+    """How clips are sampled and augmented."""
+
+    num_frames: int = 8
+    stride: int = 1
+    crop_size: int = 32
+    min_short_side: int = 36
+    max_short_side: int = 44
+    eval_short_side: int = 40
+    flip: bool = False
+    num_clips: int = 1
+    num_crops: int = 1
+    temporal_pool: bool = False
+    batch_size: int = 8
+    shuffle_buffer: int = 256
+    seed: int | None = None
+
+    def __post_init__(self):
+        if self.num_crops not in (1, 3):
+            raise ValueError(f"num_crops={self.num_crops}; valid values: 1, 3")
+        if self.min_short_side > self.max_short_side:
+            raise ValueError("min_short_side must be <= max_short_side")
+        if min(self.min_short_side, self.eval_short_side) < self.crop_size:
+            raise ValueError("short sides must be >= crop_size")
+
+    @property
+    def model_frames(self) -> int:
+        """Frames the network sees (after optional temporal pooling)."""
+        if self.temporal_pool:
+            return (self.num_frames - 3) // 2 + 1
+        return self.num_frames
+
+
+def parse_clip(serialized):
+    """Parses one record into (encoded frames [N] string, label int32, media_id)."""
+    context, seq = tf.io.parse_single_sequence_example(
+        serialized,
+        context_features={
+            records.LABEL_KEY: tf.io.FixedLenFeature([], tf.int64),
+            records.MEDIA_ID_KEY: tf.io.FixedLenFeature([], tf.string, default_value=""),
+        },
+        sequence_features={records.IMAGE_KEY: tf.io.FixedLenSequenceFeature([], tf.string)})
+    return seq[records.IMAGE_KEY], tf.cast(context[records.LABEL_KEY], tf.int32), \
+        context[records.MEDIA_ID_KEY]
+
+
+def temporal_pool(frames):
+    """Average pooling over time, window 3 and stride 2 (supplement Fig. 6)."""
+    x = tf.cast(frames, tf.float32)[None]
+    x = tf.nn.avg_pool3d(x, ksize=[1, 3, 1, 1, 1], strides=[1, 2, 1, 1, 1], padding="VALID")
+    return x[0]
+
+
+def _decode(encoded):
+    return ops3d.decode_jpeg(encoded, channels=3)
+
+
+def _normalise(frames):
+    """ImageNet mean/std as in the authors' code (Model Garden's op only rescales)."""
+    return (tf.cast(frames, tf.float32) - MEAN_RGB) / STDDEV_RGB
+
+
+def preprocess_train(encoded, cfg: InputConfig):
+    sampled = ops3d.sample_sequence(encoded, cfg.num_frames, random=True, stride=cfg.stride,
+                                    seed=cfg.seed)
+    frames = _decode(sampled)
+    short = tf.random.uniform((), cfg.min_short_side, cfg.max_short_side + 1, tf.int32,
+                              seed=cfg.seed)
+    frames = ops3d.resize_smallest(frames, short)
+    frames = ops3d.crop_image(frames, cfg.crop_size, cfg.crop_size, random=True, seed=cfg.seed)
+    if cfg.flip:
+        frames = ops3d.random_flip_left_right(frames, seed=cfg.seed)
+    if cfg.temporal_pool:
+        frames = temporal_pool(frames)
+    frames = _normalise(frames)
+    frames.set_shape((cfg.model_frames, cfg.crop_size, cfg.crop_size, 3))
+    return frames
+
+
+def preprocess_eval(encoded, cfg: InputConfig):
+    """All views of one video: [num_clips * num_crops, T, H, W, 3]."""
+    sampled = ops3d.sample_linspace_sequence(encoded, cfg.num_clips, cfg.num_frames, cfg.stride)
+    frames = _decode(sampled)
+    frames = ops3d.resize_smallest(frames, cfg.eval_short_side)
+    frames = tf.reshape(frames, tf.concat([[cfg.num_clips, cfg.num_frames], tf.shape(frames)[1:]], 0))
+    views = []
+    for c in range(cfg.num_clips):
+        crops = ops3d.crop_image(frames[c], cfg.crop_size, cfg.crop_size, random=False,
+                                 num_crops=cfg.num_crops)
+        views.extend(tf.split(crops, cfg.num_crops, axis=0))
+    clips = []
+    for v in views:
+        if cfg.temporal_pool:
+            v = temporal_pool(v)
+        clips.append(_normalise(v))
+    out = tf.stack(clips)
+    out.set_shape((cfg.num_clips * cfg.num_crops, cfg.model_frames, cfg.crop_size, cfg.crop_size, 3))
+    return out
+
+
+def _records(files, training: bool, seed):
+    ds = tf.data.Dataset.from_tensor_slices(files)
+    if training:
+        ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    return ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)),
+                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+
+
+def _shard_files(data_dir: str, split: str) -> list[str]:
+    if "://" in data_dir:
+        import tensorflow_io  # noqa: F401  registers http(s)/s3 filesystems
+    return records.shard_paths(data_dir, split)
+
+
+def train_dataset(data_dir: str, split: str, cfg: InputConfig, repeat: bool = True) -> tf.data.Dataset:
+    """(clips [B,T,H,W,3] float32, labels [B] int32), shuffled and repeated."""
+    ds = _records(_shard_files(data_dir, split), True, cfg.seed)
+    ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed)
+    if repeat:
+        ds = ds.repeat()
+    ds = ds.map(parse_clip, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.map(lambda enc, label, _: (preprocess_train(enc, cfg), label),
+                num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+    ds = ds.ignore_errors(log_warning=True)
+    return ds.batch(cfg.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+
+
+def eval_dataset(data_dir: str, split: str, cfg: InputConfig) -> tf.data.Dataset:
+    """Flattened views: (clips [B,T,H,W,3], labels [B], video index [B]).
+
+    Each video yields ``num_clips * num_crops`` consecutive views that share a
+    video index; average their scores for video-level accuracy.
+    """
+    ds = _records(_shard_files(data_dir, split), False, None)
+    ds = ds.map(parse_clip, num_parallel_calls=tf.data.AUTOTUNE)
+    ds = ds.enumerate()
+    n_views = cfg.num_clips * cfg.num_crops
+
+    def views(i, item):
+        enc, label, _ = item
+        return (preprocess_eval(enc, cfg), tf.fill([n_views], label),
+                tf.fill([n_views], tf.cast(i, tf.int32)))
+
+    ds = ds.map(views, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    return ds.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)

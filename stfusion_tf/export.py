@@ -1,0 +1,147 @@
+"""SavedModel export: the probability space and chosen-strategy classifiers.
+
+Both are plain ``tf.Module`` SavedModels in TF-Serving layout
+(``<export_dir>/<name>/<version>/``) that load with TensorFlow alone.
+
+``probability_space`` signatures
+  ``drop_rates()``      -> drop_rates [P,2] (S branch, T branch), positions [P]
+  ``marginals()``       -> marginals [P,4] (Eq. 7: S, ST, S+ST, none),
+                           sampling_marginals [P,4] (unit frequencies of ``sample``),
+                           positions, unit_names
+  ``sample(num, seed)`` -> unit_codes [num,P] int32 (0 S, 1 ST, 2 S+ST, 3 none),
+                           positions, unit_names; deterministic per seed.  Each
+                           gate is dropped with its learned p, as the authors
+                           sampled strategies.
+
+``classifier_<strategy>`` signatures
+  ``serving_default(clips uint8 [B,T,H,W,3])`` -> probabilities [B,C],
+      top_k_indices / top_k_names [B,k]; resize of the short side, centre crop,
+      central window of the model's frame count (repeated if the clip is
+      shorter) and ImageNet normalisation happen inside.
+  ``preprocessed(clips float32 [B,T',S,S,3])`` -> probabilities, top-k.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import tensorflow as tf
+
+from stfusion_tf.data.pipeline import MEAN_RGB, STDDEV_RGB
+from stfusion_tf.model import gates as gates_lib
+from stfusion_tf.model.strategy import UNITS, FusionStrategy
+from stfusion_tf.model.template import TemplateGates
+
+# keep_S + 2 * keep_T -> unit code (none, S, ST, S+ST).
+_KEEP_TO_CODE = [3, 0, 1, 2]
+
+
+class ProbabilitySpace(tf.Module):
+    def __init__(self, positions, drop_rates):
+        super().__init__(name="probability_space")
+        self.p = tf.Variable(np.asarray(drop_rates, np.float32), trainable=False, name="drop_rates")
+        self.positions = tf.constant(list(positions))
+        self.unit_names = tf.constant(list(UNITS))
+
+    @tf.function(input_signature=[])
+    def drop_rates(self):
+        return {"drop_rates": tf.convert_to_tensor(self.p), "positions": self.positions}
+
+    @tf.function(input_signature=[])
+    def marginals(self):
+        def table(ks, kt):
+            return tf.stack([ks * (1 - kt), (1 - ks) * kt, ks * kt, (1 - ks) * (1 - kt)], axis=1)
+        keep7 = 1.0 - tf.sqrt(self.p)
+        keep = 1.0 - self.p
+        return {"marginals": table(keep7[:, 0], keep7[:, 1]),
+                "sampling_marginals": table(keep[:, 0], keep[:, 1]),
+                "positions": self.positions, "unit_names": self.unit_names}
+
+    @tf.function(input_signature=[tf.TensorSpec([], tf.int32, name="num"),
+                                  tf.TensorSpec([], tf.int64, name="seed")])
+    def sample(self, num, seed):
+        tf.debugging.assert_positive(num, message="num must be >= 1")
+        u = tf.random.stateless_uniform(tf.concat([[num], tf.shape(self.p)], 0),
+                                        seed=tf.stack([seed, tf.constant(0, tf.int64)]))
+        keep = tf.cast(u >= self.p, tf.int32)
+        codes = tf.gather(tf.constant(_KEEP_TO_CODE, tf.int32), keep[..., 0] + 2 * keep[..., 1])
+        return {"unit_codes": codes, "positions": self.positions, "unit_names": self.unit_names}
+
+
+class Classifier(tf.Module):
+    def __init__(self, model, label_map, eval_short_side: int, top_k: int = 5):
+        super().__init__(name="classifier")
+        self.model = model
+        self.labels = tf.constant(list(label_map))
+        self.k = min(top_k, len(label_map))
+        _, self.frames, self.size, _, _ = model.input_shape
+        self.short_side = int(eval_short_side)
+
+    def _outputs(self, x):
+        probs = tf.nn.softmax(self.model(x, training=False), axis=-1)
+        top = tf.math.top_k(probs, self.k)
+        return {"probabilities": probs, "top_k_indices": top.indices,
+                "top_k_names": tf.gather(self.labels, top.indices)}
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, None, 3], tf.uint8, name="clips")])
+    def serve_uint8(self, clips):
+        # Runtime check of rank and channels: signatures do not validate shapes.
+        clips = tf.ensure_shape(clips, [None, None, None, None, 3], name="clips_must_be_BTHW3")
+        shape = tf.shape(clips)
+        b, t, h, w = shape[0], shape[1], shape[2], shape[3]
+        tf.debugging.assert_positive(t, message="clips must have at least one frame")
+        tf.debugging.assert_positive(h * w, message="clips must have non-empty frames")
+        start = tf.maximum(0, (t - self.frames) // 2)
+        idx = tf.math.floormod(start + tf.range(self.frames), t)
+        x = tf.gather(clips, idx, axis=1)
+        x = tf.reshape(x, tf.concat([[b * self.frames], shape[2:]], 0))
+        scale = tf.cast(self.short_side, tf.float32) / tf.cast(tf.minimum(h, w), tf.float32)
+        nh = tf.maximum(self.short_side, tf.cast(tf.round(tf.cast(h, tf.float32) * scale), tf.int32))
+        nw = tf.maximum(self.short_side, tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32))
+        x = tf.image.resize(tf.cast(x, tf.float32), tf.stack([nh, nw]))
+        x = tf.image.resize_with_crop_or_pad(x, self.size, self.size)
+        x = (x - MEAN_RGB) / STDDEV_RGB
+        x = tf.reshape(x, [b, self.frames, self.size, self.size, 3])
+        return self._outputs(x)
+
+    @tf.function(input_signature=[tf.TensorSpec([None, None, None, None, 3], tf.float32, name="clips")])
+    def serve_float(self, clips):
+        return self._outputs(tf.ensure_shape(clips, [None, self.frames, self.size, self.size, 3]))
+
+
+def _save(module, path, signatures):
+    """Writes to a temporary folder and renames: no half-written export."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tf.saved_model.save(module, tmp, signatures=signatures)
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    os.replace(tmp, path)
+    return path
+
+
+def export_probability_space(model, export_dir: str, version: int = 1) -> str:
+    gates = TemplateGates(model)
+    mod = ProbabilitySpace(gates.positions, gates.drop_rates())
+    return _save(mod, os.path.join(export_dir, "probability_space", str(version)),
+                 {"drop_rates": mod.drop_rates, "marginals": mod.marginals, "sample": mod.sample})
+
+
+def strategy_classifier(model, strategy: FusionStrategy):
+    """Sets the template's gates to a fixed strategy for inference (masks baked in)."""
+    gates = TemplateGates(model)
+    gates.set_strategy(strategy)
+    gates_lib.set_inference_mode(gates.s + gates.t, "mask")
+    if gates.head is not None:
+        gates_lib.set_inference_mode([gates.head], "expected")
+    return model
+
+
+def export_classifier(model, strategy: FusionStrategy, name: str, label_map, export_dir: str,
+                      eval_short_side: int, version: int = 1) -> str:
+    strategy_classifier(model, strategy)
+    mod = Classifier(model, label_map, eval_short_side)
+    return _save(mod, os.path.join(export_dir, f"classifier_{name}", str(version)),
+                 {"serving_default": mod.serve_uint8, "preprocessed": mod.serve_float})

@@ -1,0 +1,250 @@
+"""Command-line entry point: ``python -m stfusion_tf.main --flagfile=configs/<x>.flags``.
+
+Modes: ``prepare`` (write the dataset's TFRecord shards), ``train`` (warm-up
+then v-DropPath training of the template), ``analyze`` (marginals, strategy
+ranking, Opt, report), ``export`` (SavedModels), ``all`` (the four in order) and
+``summary`` (build a template preset and print its parameter count).  This is
+the only module that reads absl flags; everything it calls takes plain
+arguments or frozen dataclasses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+
+MODES = ("prepare", "train", "analyze", "export", "all", "summary")
+DATASETS = ("synthetic_motion", "synthetic_appearance")
+PRESETS = ("tiny", "small", "densenet121")
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("mode", "all", MODES, "What to run.")
+flags.DEFINE_enum("dataset", "synthetic_motion", DATASETS, "Dataset to prepare / train on.")
+flags.DEFINE_string("data_dir", None, "Dataset directory (shards + manifest.json); local path or "
+                    "http(s)/s3 URL. Default: tfrecords/<dataset>.")
+flags.DEFINE_string("model_dir", None, "Where checkpoints, TensorBoard logs, the trained template "
+                    "and the analysis go. Default: runs/<dataset>.")
+flags.DEFINE_string("export_dir", None, "SavedModel root. Default: <model_dir>/export.")
+# Synthetic data.
+flags.DEFINE_integer("synthetic_classes", 4, "Classes of a synthetic dataset.", lower_bound=2)
+flags.DEFINE_integer("synthetic_train", 256, "Training clips of a synthetic dataset.", lower_bound=1)
+flags.DEFINE_integer("synthetic_val", 64, "Selection (val) clips of a synthetic dataset.", lower_bound=1)
+flags.DEFINE_integer("synthetic_test", 64, "Reporting (test) clips of a synthetic dataset.", lower_bound=1)
+flags.DEFINE_integer("synthetic_frames", 16, "Frames per synthetic clip.", lower_bound=1)
+flags.DEFINE_integer("synthetic_size", 40, "Frame side of synthetic clips (pixels).", lower_bound=8)
+flags.DEFINE_integer("data_seed", 0, "Seed of the synthetic data.")
+# Input pipeline.
+flags.DEFINE_integer("num_frames", 8, "Frames per clip fed to the network.", lower_bound=1)
+flags.DEFINE_integer("frame_stride", 1, "Stride between sampled frames.", lower_bound=1)
+flags.DEFINE_integer("crop_size", 32, "Spatial crop.", lower_bound=8)
+flags.DEFINE_integer("min_short_side", 36, "Training scale jitter: smallest short side.")
+flags.DEFINE_integer("max_short_side", 44, "Training scale jitter: largest short side.")
+flags.DEFINE_integer("eval_short_side", 40, "Evaluation short side before the centre crop.")
+flags.DEFINE_bool("flip", False, "Random horizontal flip (off for direction-sensitive data).")
+flags.DEFINE_bool("temporal_pool", False, "Temporal average pooling (window 3, stride 2) of the "
+                  "input clip: the supplement's low temporal resolution experiment.")
+flags.DEFINE_integer("batch_size", 8, "Global batch size.", lower_bound=1)
+flags.DEFINE_integer("num_clips", 1, "Evaluation clips per video.", lower_bound=1)
+flags.DEFINE_enum("num_crops", "1", ["1", "3"], "Evaluation crops per clip.")
+# Model.
+flags.DEFINE_enum("preset", "tiny", PRESETS, "Template network preset.")
+flags.DEFINE_bool("temporal_downsample", False, "Temporally down-sampled template variant.")
+flags.DEFINE_float("init_drop_rate", 0.1, "Initial drop rate of every gate.")
+flags.DEFINE_float("temperature", 0.2, "RelaxedBernoulli temperature.")
+flags.DEFINE_bool("rescale", False, "Divide kept activations by (1 - p).")
+flags.DEFINE_enum("regularizer", "code", ["code", "paper"], "Form of the variational regulariser.")
+flags.DEFINE_float("length_scale", 10.0, "Length-scale prior k of the regulariser.")
+flags.DEFINE_integer("num_classes", 174, "Classes for --mode=summary.")
+# Training.
+flags.DEFINE_integer("epochs", 6, "Total epochs (warm-up included).", lower_bound=1)
+flags.DEFINE_integer("warmup_epochs", 2, "Epochs without v-DropPath at the start.", lower_bound=0)
+flags.DEFINE_float("learning_rate", 0.01, "Initial SGD learning rate.")
+flags.DEFINE_list("lr_steps", [], "Epochs at which the learning rate is multiplied by 0.1.")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+flags.DEFINE_enum("optimizer", "sgd", ["sgd", "adam"], "SGD with momentum is the paper's; Adam "
+                  "gets the tiny synthetic runs to converge within the CPU budget.")
+flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch (default: clips // batch).")
+flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.", lower_bound=1)
+flags.DEFINE_enum("distribution", "default", ["default", "mirrored", "multi_worker", "tpu"],
+                  "tf.distribute strategy.")
+flags.DEFINE_string("tpu", "", "TPU address for --distribution=tpu.")
+flags.DEFINE_integer("seed", 0, "Training seed.")
+flags.DEFINE_integer("verbose", 1, "Keras progress bar: 0 silent, 1 bar, 2 one line per epoch.")
+# Analysis.
+flags.DEFINE_integer("num_samples", 100, "Strategies sampled for ranking.", lower_bound=1)
+flags.DEFINE_integer("sample_seed", 0, "Seed of the strategy sampler.")
+flags.DEFINE_string("selection_split", "val", "Split that ranks strategies.")
+flags.DEFINE_string("report_split", "test", "Split on which Opt and uniform strategies are reported.")
+# Export.
+flags.DEFINE_string("strategy", "opt", "Classifier to export: 'opt' (the analysis' best sampled "
+                    "strategy), 'S', 'ST', 'S+ST', or a FusionStrategy JSON path.")
+
+
+def _validate():
+    if FLAGS.warmup_epochs > FLAGS.epochs:
+        raise app.UsageError(f"--warmup_epochs={FLAGS.warmup_epochs} exceeds --epochs={FLAGS.epochs}")
+    if not 0.0 < FLAGS.init_drop_rate < 1.0:
+        raise app.UsageError(f"--init_drop_rate must be in (0, 1), got {FLAGS.init_drop_rate}")
+    if FLAGS.temperature <= 0:
+        raise app.UsageError(f"--temperature must be > 0, got {FLAGS.temperature}")
+    if FLAGS.learning_rate <= 0:
+        raise app.UsageError(f"--learning_rate must be > 0, got {FLAGS.learning_rate}")
+    try:
+        steps = [int(s) for s in FLAGS.lr_steps]
+    except ValueError:
+        raise app.UsageError(f"--lr_steps must be whole epoch numbers, got {FLAGS.lr_steps}") from None
+    if steps != sorted(steps):
+        raise app.UsageError(f"--lr_steps must increase, got {FLAGS.lr_steps}")
+    if not FLAGS.min_short_side <= FLAGS.max_short_side:
+        raise app.UsageError("--min_short_side must be <= --max_short_side")
+    if min(FLAGS.min_short_side, FLAGS.eval_short_side) < FLAGS.crop_size:
+        raise app.UsageError("--min_short_side and --eval_short_side must be >= --crop_size")
+    if FLAGS.temporal_pool and FLAGS.num_frames < 3:
+        raise app.UsageError("--temporal_pool needs --num_frames >= 3")
+    if FLAGS.selection_split == FLAGS.report_split:
+        raise app.UsageError("--selection_split and --report_split must differ")
+
+
+def _paths():
+    data_dir = FLAGS.data_dir or os.path.join("tfrecords", FLAGS.dataset)
+    model_dir = FLAGS.model_dir or os.path.join("runs", FLAGS.dataset)
+    export_dir = FLAGS.export_dir or os.path.join(model_dir, "export")
+    return data_dir, model_dir, export_dir
+
+
+def _input_cfg():
+    from stfusion_tf.data.pipeline import InputConfig
+    return InputConfig(num_frames=FLAGS.num_frames, stride=FLAGS.frame_stride,
+                       crop_size=FLAGS.crop_size, min_short_side=FLAGS.min_short_side,
+                       max_short_side=FLAGS.max_short_side, eval_short_side=FLAGS.eval_short_side,
+                       flip=FLAGS.flip, num_clips=FLAGS.num_clips, num_crops=int(FLAGS.num_crops),
+                       temporal_pool=FLAGS.temporal_pool, batch_size=FLAGS.batch_size)
+
+
+def _template_cfg():
+    from stfusion_tf.model import template
+    return template.preset(FLAGS.preset, temporal_downsample=FLAGS.temporal_downsample)
+
+
+def _gate_cfg():
+    from stfusion_tf.model import template
+    return template.GateConfig(init_drop_rate=FLAGS.init_drop_rate, temperature=FLAGS.temperature,
+                               rescale=FLAGS.rescale, regularizer=FLAGS.regularizer,
+                               length_scale=FLAGS.length_scale)
+
+
+def run_prepare(data_dir):
+    from stfusion_tf.data import synthetic
+    spec = synthetic.SyntheticSpec(
+        name=FLAGS.dataset, num_classes=FLAGS.synthetic_classes, num_train=FLAGS.synthetic_train,
+        num_val=FLAGS.synthetic_val, num_test=FLAGS.synthetic_test,
+        num_frames=FLAGS.synthetic_frames, size=FLAGS.synthetic_size, seed=FLAGS.data_seed)
+    t0 = time.time()
+    manifest = synthetic.prepare_synthetic(data_dir, spec, log=logging.info)
+    counts = {k: v["num_clips"] for k, v in manifest["splits"].items()}
+    print(f"[prepare] {data_dir}: {counts} clips, {manifest['num_skipped']} skipped, "
+          f"{time.time() - t0:.1f}s")
+
+
+def run_train(data_dir, model_dir):
+    from stfusion_tf import training
+    cfg = training.TrainConfig(
+        epochs=FLAGS.epochs, warmup_epochs=FLAGS.warmup_epochs, learning_rate=FLAGS.learning_rate,
+        lr_steps=tuple(int(s) for s in FLAGS.lr_steps), momentum=FLAGS.momentum,
+        optimizer=FLAGS.optimizer,
+        steps_per_epoch=FLAGS.steps_per_epoch, keep_checkpoints=FLAGS.keep_checkpoints,
+        seed=FLAGS.seed)
+    summary = training.train(model_dir, data_dir, _template_cfg(), _gate_cfg(), _input_cfg(), cfg,
+                             distribution=FLAGS.distribution, tpu=FLAGS.tpu,
+                             eval_split=FLAGS.selection_split, verbose=FLAGS.verbose)
+    print(f"[train] {model_dir}: {summary['steps']} steps; "
+          f"{json.dumps(summary.get('eval', {}))}")
+
+
+def run_analyze(data_dir, model_dir):
+    from stfusion_tf import training
+    from stfusion_tf.analysis import report
+    model = training.load_template(model_dir)
+    cfg = report.AnalysisConfig(num_samples=FLAGS.num_samples, seed=FLAGS.sample_seed,
+                                selection_split=FLAGS.selection_split,
+                                report_split=FLAGS.report_split)
+    result = report.analyze(model, data_dir, model_dir, _input_cfg(), cfg, log=logging.info)
+    comp = ", ".join(f"{k} {100 * v['video_top1']:.1f}" for k, v in result["comparison"].items())
+    print(f"[analyze] {model_dir}/analysis/report.md; Opt {result['opt']['code']}; "
+          f"video top-1 on {FLAGS.report_split}: {comp}")
+
+
+def _export_strategy(model_dir, positions):
+    from stfusion_tf.model.strategy import UNITS, FusionStrategy
+    if FLAGS.strategy == "opt":
+        path = os.path.join(model_dir, "analysis", "opt_strategy.json")
+        if not os.path.exists(path):
+            raise app.UsageError(f"--strategy=opt needs {path}; run --mode=analyze first")
+        return "opt", FusionStrategy.load(path)
+    if FLAGS.strategy in UNITS[:3]:
+        name = FLAGS.strategy.replace("+", "_plus_")
+        return name, FusionStrategy.uniform(positions, FLAGS.strategy)
+    if os.path.exists(FLAGS.strategy):
+        return os.path.splitext(os.path.basename(FLAGS.strategy))[0], FusionStrategy.load(FLAGS.strategy)
+    raise app.UsageError(f"--strategy={FLAGS.strategy!r}: valid values are opt, S, ST, S+ST or "
+                         "the path of a FusionStrategy JSON file")
+
+
+def run_export(data_dir, model_dir, export_dir):
+    from stfusion_tf import export, training
+    from stfusion_tf.data import records
+    from stfusion_tf.model.template import TemplateGates
+    model = training.load_template(model_dir)
+    name, strategy = _export_strategy(model_dir, TemplateGates(model).positions)
+    manifest = records.read_manifest(data_dir)
+    p1 = export.export_probability_space(model, export_dir)
+    p2 = export.export_classifier(model, strategy, name, manifest["label_map"], export_dir,
+                                  FLAGS.eval_short_side)
+    print(f"[export] {p1}\n[export] {p2}")
+
+
+def run_summary():
+    import numpy as np
+    from stfusion_tf.model import template
+    cfg = _template_cfg()
+    model = template.build_template(cfg, FLAGS.num_classes, _gate_cfg())
+    trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
+    total = model.count_params()
+    kernels = int(sum(np.prod(v.shape) for v in model.weights if v.path.endswith("kernel")))
+    print(json.dumps({"preset": FLAGS.preset, "input": list(model.input_shape[1:]),
+                      "num_classes": FLAGS.num_classes,
+                      "positions": len(template.template_positions(cfg)),
+                      "params_total": total, "params_trainable": trainable,
+                      "params_conv_fc_kernels": kernels}, indent=1))
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    _validate()
+    data_dir, model_dir, export_dir = _paths()
+    mode = FLAGS.mode
+    if mode == "summary":
+        return run_summary()
+    if mode in ("prepare", "all"):
+        run_prepare(data_dir)
+    if mode in ("train", "all"):
+        run_train(data_dir, model_dir)
+    if mode in ("analyze", "all"):
+        run_analyze(data_dir, model_dir)
+    if mode in ("export", "all"):
+        run_export(data_dir, model_dir, export_dir)
+    return 0
+
+
+def run():
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    app.run(main)
+
+
+if __name__ == "__main__":
+    sys.exit(run())

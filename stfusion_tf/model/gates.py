@@ -1,0 +1,203 @@
+"""Variational DropPath: a learned-rate drop gate on a convolution's input.
+
+The gate follows the authors' ``Conv3d_with_CD``: one trainable drop logit per
+gated layer, p = sigmoid(p_logit), initial p = 0.1.  In training the gate draws
+a relaxed drop variable d ~ RelaxedBernoulli(temperature, p) (TFP) per sample
+(noise shape [B,1,1,1,1] for a conv, so the whole branch is dropped for some
+clips and kept for others) and multiplies the input by (1 - d).  Because the
+wrapped conv has no bias and follows BN+ReLU, gating its input equals gating the
+branch output.
+
+The gate also adds the variational regulariser of the wrapped layer's kernel W
+(``add_loss``), in one of two forms (``regularizer=``):
+
+* ``"code"`` (default, the authors' code):
+  (k/N)(1-p)||W||^2 + (1/N)(p log p + (1-p) log(1-p))
+* ``"paper"`` (Eq. 5): k^2 (1-p)/(2N) ||W||^2 + (1/N) p log p
+
+with k the length-scale prior and N the training-set size.  For the per-feature
+(``noise="feature"``) gate of the classifier the entropy term is counted once per
+feature, as in the authors' ``Linear_with_CD``.
+
+State lives in non-trainable variables, so switching mode or mask never
+rebuilds or retraces a compiled function:
+
+* ``enabled`` (0/1): 0 = warm-up, the gate is the identity in training and has
+  no regulariser; 1 = variational training.
+* ``inference_mode``: what the gate does outside training:
+  ``expected`` (x * (1-p), the mean of the training gate; x when rescaling),
+  ``mask`` (x * mask, a fixed 0/1 strategy mask), ``sample`` (a hard Bernoulli
+  draw per call and sample), ``identity``.  In warm-up (``enabled`` = 0)
+  ``expected`` and ``sample`` act as the identity; ``mask`` always applies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import tensorflow as tf
+import tensorflow_probability as tfp
+
+INFERENCE_MODES = ("expected", "mask", "sample", "identity")
+REGULARIZERS = ("code", "paper")
+NOISE_SHAPES = ("path", "feature")
+_EPS = 1e-7
+
+
+def _check_choice(name, value, choices):
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}; valid values: {', '.join(choices)}")
+    return value
+
+
+@keras.saving.register_keras_serializable(package="stfusion_tf")
+class VariationalDropPath(keras.layers.Wrapper):
+    """Wraps a kernel layer (Conv3D or Dense) with a learned-rate drop gate.
+
+    Args:
+      layer: the gated layer; must own a ``kernel`` once built.
+      init_drop_rate: initial drop probability p (authors: 0.1).
+      temperature: RelaxedBernoulli temperature (authors: 0.2).
+      rescale: divide kept activations by (1 - p) (off, as in the authors' code).
+      noise: ``"path"`` (one draw per sample: drop path) or ``"feature"``
+        (one draw per sample and input feature: concrete dropout).
+      regularizer: ``"code"`` or ``"paper"`` (see module docstring).
+      length_scale: k, the length-scale prior.
+      dataset_size: N, the number of training examples.
+    """
+
+    def __init__(self, layer, init_drop_rate=0.1, temperature=0.2, rescale=False,
+                 noise="path", regularizer="code", length_scale=1.0,
+                 dataset_size=1, **kwargs):
+        super().__init__(layer, **kwargs)
+        if not 0.0 < init_drop_rate < 1.0:
+            raise ValueError(f"init_drop_rate must be in (0, 1), got {init_drop_rate}")
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        if dataset_size < 1:
+            raise ValueError(f"dataset_size must be >= 1, got {dataset_size}")
+        self.init_drop_rate = float(init_drop_rate)
+        self.temperature = float(temperature)
+        self.rescale = bool(rescale)
+        self.noise = _check_choice("noise", noise, NOISE_SHAPES)
+        self.regularizer = _check_choice("regularizer", regularizer, REGULARIZERS)
+        self.length_scale = float(length_scale)
+        self.dataset_size = int(dataset_size)
+
+    def build(self, input_shape):
+        if not self.layer.built:
+            self.layer.build(input_shape)
+        logit = math.log(self.init_drop_rate / (1.0 - self.init_drop_rate))
+        self.p_logit = self.add_weight(
+            name="p_logit", shape=(), initializer=keras.initializers.Constant(logit),
+            trainable=True)
+        self.mask = self.add_weight(
+            name="mask", shape=(), initializer="ones", trainable=False)
+        self.enabled = self.add_weight(
+            name="enabled", shape=(), dtype="int32", initializer="ones", trainable=False)
+        self.inference_mode = self.add_weight(
+            name="inference_mode", shape=(), dtype="int32", initializer="zeros",
+            trainable=False)
+        self._num_features = int(input_shape[-1])
+        self.built = True
+
+    # -- probabilities -------------------------------------------------------
+    @property
+    def drop_rate(self):
+        """p = sigmoid(p_logit) as a tensor."""
+        return tf.sigmoid(tf.convert_to_tensor(self.p_logit))
+
+    def regularization(self):
+        """The variational regulariser of this gate (a scalar tensor)."""
+        p = self.drop_rate
+        kernel = tf.convert_to_tensor(self.layer.kernel)
+        sq = tf.reduce_sum(tf.square(kernel))
+        n = float(self.dataset_size)
+        k = self.length_scale
+        pc = tf.clip_by_value(p, _EPS, 1.0 - _EPS)
+        if self.regularizer == "code":
+            weight_term = (k / n) * (1.0 - p) * sq
+            entropy = pc * tf.math.log(pc) + (1.0 - pc) * tf.math.log(1.0 - pc)
+        else:
+            weight_term = (k * k) * (1.0 - p) / (2.0 * n) * sq
+            entropy = pc * tf.math.log(pc)
+        if self.noise == "feature":
+            entropy = entropy * float(self._num_features)
+        return weight_term + entropy / n
+
+    # -- forward --------------------------------------------------------------
+    def _noise_shape(self, x):
+        batch = tf.shape(x)[0]
+        if self.noise == "feature":
+            return tf.concat([[batch], tf.ones([tf.rank(x) - 2], tf.int32),
+                              [tf.shape(x)[-1]]], axis=0)
+        return tf.concat([[batch], tf.ones([tf.rank(x) - 1], tf.int32)], axis=0)
+
+    def _keep_scale(self, p):
+        return 1.0 / (1.0 - p) if self.rescale else 1.0
+
+    def _relaxed(self, x, p):
+        dist = tfp.distributions.RelaxedBernoulli(self.temperature, logits=self.p_logit)
+        drop = tf.cast(dist.sample(self._noise_shape(x)), x.dtype)
+        return x * (1.0 - drop) * tf.cast(self._keep_scale(p), x.dtype)
+
+    def _hard(self, x, p):
+        u = tf.random.uniform(self._noise_shape(x), dtype=x.dtype)
+        keep = tf.cast(u >= tf.cast(p, x.dtype), x.dtype)
+        return x * keep * tf.cast(self._keep_scale(p), x.dtype)
+
+    def _expected(self, x, p):
+        if self.rescale:
+            return x
+        return x * tf.cast(1.0 - p, x.dtype)
+
+    def call(self, inputs, training=None):
+        x = inputs
+        p = self.drop_rate
+        enabled = tf.equal(tf.convert_to_tensor(self.enabled), 1)
+        if training:
+            gated = tf.cond(enabled, lambda: self._relaxed(x, p), lambda: tf.identity(x))
+            reg = tf.cond(enabled, self.regularization, lambda: tf.constant(0.0))
+            self.add_loss(reg)
+        else:
+            mode = tf.convert_to_tensor(self.inference_mode)
+            mask = tf.cast(tf.convert_to_tensor(self.mask), x.dtype)
+            gated = tf.switch_case(mode, [
+                lambda: tf.cond(enabled, lambda: self._expected(x, p), lambda: tf.identity(x)),
+                lambda: x * mask,
+                lambda: tf.cond(enabled, lambda: self._hard(x, p), lambda: tf.identity(x)),
+                lambda: tf.identity(x),
+            ])
+        return self.layer(gated)
+
+    def compute_output_shape(self, input_shape):
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            init_drop_rate=self.init_drop_rate, temperature=self.temperature,
+            rescale=self.rescale, noise=self.noise, regularizer=self.regularizer,
+            length_scale=self.length_scale, dataset_size=self.dataset_size)
+        return config
+
+
+# -- model-level helpers ---------------------------------------------------------
+
+def gate_layers(model) -> list[VariationalDropPath]:
+    """All gates of a model, in the order Keras tracks them (build order)."""
+    return [l for l in model._flatten_layers(include_self=False, recursive=True)
+            if isinstance(l, VariationalDropPath)]
+
+
+def set_enabled(gates, enabled: bool) -> None:
+    """Warm-up (False) or variational training (True); no retrace."""
+    for g in gates:
+        g.enabled.assign(1 if enabled else 0)
+
+
+def set_inference_mode(gates, mode: str) -> None:
+    idx = INFERENCE_MODES.index(_check_choice("inference_mode", mode, INFERENCE_MODES))
+    for g in gates:
+        g.inference_mode.assign(idx)

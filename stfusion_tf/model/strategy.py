@@ -1,0 +1,152 @@
+"""FusionStrategy: one fusion unit per position of a network.
+
+A position is a place in a network that holds one fusion unit (a dense layer
+``B2.L5`` or a transition ``T1`` of the template; a bottleneck block of a
+backbone). The unit says which of the two parallel branches is kept:
+
+=========  ===============  =================================================
+unit       kept branches    meaning
+=========  ===============  =================================================
+``S``      1x1x1 only       2D unit: 1x1x1 then 1x3x3
+``ST``     3x1x1 only       factorised 3D unit: 3x1x1 then 1x3x3
+``S+ST``   both, summed     fused unit
+``none``   neither          both branches dropped (only the template can
+                            express it; backbones reject it)
+=========  ===============  =================================================
+
+The same type is used by the template (gate masks), the probability-space
+analysis (sampled strategies), the backbone builders and the export.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+S = "S"
+ST = "ST"
+S_ST = "S+ST"
+NONE = "none"
+UNITS = (S, ST, S_ST, NONE)
+#: Unit -> (keep 1x1x1 branch, keep 3x1x1 branch).
+UNIT_TO_KEEP = {S: (1, 0), ST: (0, 1), S_ST: (1, 1), NONE: (0, 0)}
+KEEP_TO_UNIT = {v: k for k, v in UNIT_TO_KEEP.items()}
+#: Unit codes in the integer form used by the exported sampler.
+UNIT_CODES = {S: 0, ST: 1, S_ST: 2, NONE: 3}
+#: One-letter codes of the paper's Fig. 4 ("F" = fused = S+ST, "T" = ST).
+UNIT_LETTERS = {S: "S", ST: "T", S_ST: "F", NONE: "-"}
+
+
+def _check_unit(unit: str) -> str:
+    if unit not in UNIT_TO_KEEP:
+        raise ValueError(f"unknown fusion unit {unit!r}; valid units: {', '.join(UNITS)}")
+    return unit
+
+
+@dataclasses.dataclass(frozen=True)
+class FusionStrategy:
+    """An immutable mapping position -> unit, in network order."""
+
+    positions: tuple[str, ...]
+    units: tuple[str, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "positions", tuple(self.positions))
+        object.__setattr__(self, "units", tuple(_check_unit(u) for u in self.units))
+        if len(self.positions) != len(self.units):
+            raise ValueError(
+                f"{len(self.positions)} positions but {len(self.units)} units")
+        if len(set(self.positions)) != len(self.positions):
+            raise ValueError("duplicate position names")
+
+    # -- constructors -------------------------------------------------------
+    @classmethod
+    def uniform(cls, positions: Sequence[str], unit: str) -> "FusionStrategy":
+        return cls(tuple(positions), (_check_unit(unit),) * len(positions))
+
+    @classmethod
+    def from_mask(cls, positions: Sequence[str], mask) -> "FusionStrategy":
+        """From a keep mask of shape [P, 2] (columns: 1x1x1 branch, 3x1x1 branch)."""
+        mask = np.asarray(mask)
+        if mask.shape != (len(positions), 2):
+            raise ValueError(f"mask shape {mask.shape} != ({len(positions)}, 2)")
+        if not np.all((mask == 0) | (mask == 1)):
+            raise ValueError("mask must hold only 0 and 1")
+        units = tuple(KEEP_TO_UNIT[(int(a), int(b))] for a, b in mask)
+        return cls(tuple(positions), units)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FusionStrategy":
+        if "positions" in d and "units" in d:
+            return cls(tuple(d["positions"]), tuple(d["units"]))
+        raise ValueError("a FusionStrategy JSON needs 'positions' and 'units' lists")
+
+    @classmethod
+    def from_json(cls, text: str) -> "FusionStrategy":
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def load(cls, path: str) -> "FusionStrategy":
+        with open(path) as f:
+            return cls.from_json(f.read())
+
+    # -- conversions --------------------------------------------------------
+    def to_mask(self) -> np.ndarray:
+        """Keep mask [P, 2] float32 (column 0: 1x1x1 branch, column 1: 3x1x1)."""
+        return np.array([UNIT_TO_KEEP[u] for u in self.units], dtype=np.float32).reshape(-1, 2)
+
+    def to_dict(self) -> dict:
+        return {"positions": list(self.positions), "units": list(self.units),
+                "code": self.code(), "counts": self.counts()}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    def save(self, path: str) -> None:
+        """Writes atomically: the file appears only when complete."""
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
+            f.write(self.to_json())
+        os.replace(tmp, path)
+
+    def code(self) -> str:
+        """Compact code as in the paper's tables, e.g. ``FFFFFT|S|FF...``.
+
+        Groups are separated at each position whose name has no ``.`` (a
+        transition) so the template's blocks read as in Fig. 4.
+        """
+        out, group = [], []
+        for pos, unit in zip(self.positions, self.units):
+            if "." in pos:
+                group.append(UNIT_LETTERS[unit])
+            else:
+                if group:
+                    out.append("".join(group))
+                    group = []
+                out.append(UNIT_LETTERS[unit])
+        if group:
+            out.append("".join(group))
+        return "|".join(out)
+
+    def counts(self) -> dict:
+        c = collections.Counter(self.units)
+        return {u: c.get(u, 0) for u in UNITS}
+
+    def __getitem__(self, position: str) -> str:
+        return self.units[self.positions.index(position)]
+
+    def __len__(self) -> int:
+        return len(self.units)
+
+    def key(self) -> str:
+        """A hashable identity used to recognise duplicate samples."""
+        return "".join(UNIT_LETTERS[u] for u in self.units)
+
+
+def strategies_from_masks(positions: Sequence[str], masks: Iterable) -> list[FusionStrategy]:
+    return [FusionStrategy.from_mask(positions, m) for m in masks]

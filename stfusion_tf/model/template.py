@@ -1,0 +1,212 @@
+"""The template network: a densely connected 3D CNN (DenseNet-121 layout) whose
+fusion units are gated by Variational DropPath.
+
+Dense layer (paper Fig. 3, authors' ``_DenseLayer`` "v1d3")::
+
+    x --BN-ReLU-Conv1x1x1 (S branch, gate "<pos>_s_gate")--+
+    x --BN-ReLU-Conv3x1x1 (T branch, gate "<pos>_t_gate")--+-- sum --BN-ReLU-Conv1x3x3--> y
+    out = concat([x, y])
+
+Transition: the same two gated branches (c -> c * compression), summed, then
+AvgPool (1,2,2) ((2,2,2) in T1 of the temporally down-sampled variant).
+Head: BN-ReLU-global average pool-gated features (per-feature concrete dropout)
+-Dense.  Positions are named as in the paper's Fig. 4: ``B1.L1`` ... ``T1`` ...
+``B4.L16``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+
+from stfusion_tf.model.gates import VariationalDropPath, gate_layers
+from stfusion_tf.model.strategy import FusionStrategy
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """Variational DropPath settings shared by every gate of a template."""
+
+    init_drop_rate: float = 0.1
+    temperature: float = 0.2
+    rescale: bool = False
+    regularizer: str = "code"
+    length_scale: float = 1.0
+    dataset_size: int = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class TemplateConfig:
+    """Architecture of a template network; presets in ``PRESETS``."""
+
+    block_config: tuple[int, ...] = (6, 12, 24, 16)
+    growth_rate: int = 32
+    bn_size: int = 4
+    init_features: int = 64
+    compression: float = 0.5
+    stem_kernel: tuple[int, int, int] = (5, 7, 7)
+    stem_spatial_stride: int = 2
+    temporal_downsample: bool = False
+    num_frames: int = 16
+    crop_size: int = 224
+    dropout: float = 0.0
+
+    @property
+    def bottleneck_width(self) -> int:
+        return self.bn_size * self.growth_rate
+
+
+PRESETS = {
+    # The paper's template (3D DenseNet-121, "v1d3" in the authors' code).
+    "densenet121": TemplateConfig(),
+    # Same layout, narrower and shallower: for 2-core CPU experiments.
+    "small": TemplateConfig(block_config=(3, 4, 6, 3), growth_rate=16, bn_size=4,
+                            init_features=32, stem_kernel=(3, 5, 5),
+                            num_frames=8, crop_size=64),
+    # Smallest sensible template: tests and the embedded default job.
+    "tiny": TemplateConfig(block_config=(2, 2, 2, 2), growth_rate=8, bn_size=2,
+                           init_features=16, stem_kernel=(3, 5, 5),
+                           num_frames=8, crop_size=32),
+}
+
+
+def preset(name: str, **overrides) -> TemplateConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown template preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def template_positions(config: TemplateConfig) -> tuple[str, ...]:
+    """Fusion positions in network order: B1.L1 ... T1 ... B4.Ln."""
+    out = []
+    for b, n in enumerate(config.block_config, start=1):
+        out.extend(f"B{b}.L{i}" for i in range(1, n + 1))
+        if b < len(config.block_config):
+            out.append(f"T{b}")
+    return tuple(out)
+
+
+def _key(position: str) -> str:
+    return position.lower().replace(".", "_")
+
+
+def _gate_names(position: str) -> tuple[str, str]:
+    k = _key(position)
+    return f"{k}_s_gate", f"{k}_t_gate"
+
+
+def _bn(name, synchronized=False):
+    return keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=name,
+                                           synchronized=synchronized)
+
+
+def _conv(filters, kernel, name, strides=(1, 1, 1)):
+    return keras.layers.Conv3D(filters, kernel, strides=strides, padding="same",
+                               use_bias=False, kernel_initializer="he_normal", name=name)
+
+
+def _gate(layer, gate: GateConfig, name, noise="path"):
+    return VariationalDropPath(
+        layer, init_drop_rate=gate.init_drop_rate, temperature=gate.temperature,
+        rescale=gate.rescale, noise=noise, regularizer=gate.regularizer,
+        length_scale=gate.length_scale, dataset_size=gate.dataset_size, name=name)
+
+
+def _fusion_unit(x, position, filters, gate: GateConfig, sync=False):
+    """The two gated branches of one position, summed."""
+    k = _key(position)
+    s_name, t_name = _gate_names(position)
+    s = keras.layers.ReLU(name=f"{k}_s_relu")(_bn(f"{k}_s_bn", sync)(x))
+    s = _gate(_conv(filters, (1, 1, 1), f"{k}_s_conv"), gate, s_name)(s)
+    t = keras.layers.ReLU(name=f"{k}_t_relu")(_bn(f"{k}_t_bn", sync)(x))
+    t = _gate(_conv(filters, (3, 1, 1), f"{k}_t_conv"), gate, t_name)(t)
+    return keras.layers.Add(name=f"{k}_sum")([s, t])
+
+
+def build_template(config: TemplateConfig, num_classes: int,
+                   gate: GateConfig = GateConfig(), name: str = "template",
+                   synchronized_bn: bool = False) -> keras.Model:
+    """Builds the template as a functional Keras model: clips [B,T,H,W,3] -> logits.
+
+    ``synchronized_bn`` makes BatchNorm statistics global across replicas.
+    """
+    sync = synchronized_bn
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    inputs = keras.Input((config.num_frames, config.crop_size, config.crop_size, 3), name="clip")
+    t_stride = 2 if config.temporal_downsample else 1
+    x = _conv(config.init_features, config.stem_kernel, "stem_conv", strides=(t_stride, config.stem_spatial_stride, config.stem_spatial_stride))(inputs)
+    x = keras.layers.ReLU(name="stem_relu")(_bn("stem_bn", sync)(x))
+    x = keras.layers.MaxPooling3D((3, 3, 3), strides=(t_stride, 2, 2), padding="same",
+                                  name="stem_pool")(x)
+    channels = config.init_features
+    for b, n_layers in enumerate(config.block_config, start=1):
+        for i in range(1, n_layers + 1):
+            pos = f"B{b}.L{i}"
+            k = _key(pos)
+            y = _fusion_unit(x, pos, config.bottleneck_width, gate, sync)
+            y = keras.layers.ReLU(name=f"{k}_relu")(_bn(f"{k}_bn", sync)(y))
+            y = _conv(config.growth_rate, (1, 3, 3), f"{k}_spatial_conv")(y)
+            x = keras.layers.Concatenate(name=f"{k}_concat")([x, y])
+            channels += config.growth_rate
+        if b < len(config.block_config):
+            pos = f"T{b}"
+            channels = int(channels * config.compression)
+            x = _fusion_unit(x, pos, channels, gate, sync)
+            pool_t = 2 if (config.temporal_downsample and b == 1) else 1
+            x = keras.layers.AveragePooling3D((pool_t, 2, 2), strides=(pool_t, 2, 2),
+                                              name=f"t{b}_pool")(x)
+    x = keras.layers.ReLU(name="head_relu")(_bn("head_bn", sync)(x))
+    x = keras.layers.GlobalAveragePooling3D(name="head_pool")(x)
+    if config.dropout > 0:
+        x = keras.layers.Dropout(config.dropout, name="head_dropout")(x)
+    logits = _gate(keras.layers.Dense(num_classes, name="classifier"), gate, "head_gate",
+                   noise="feature")(x)
+    return keras.Model(inputs, logits, name=name)
+
+
+class TemplateGates:
+    """Named access to a template's gates: positions, drop rates, masks, modes.
+
+    Works on any model built by ``build_template`` (also after loading it
+    from disk), by looking gates up by their layer names.
+    """
+
+    def __init__(self, model: keras.Model, positions=None):
+        by_name = {g.name: g for g in gate_layers(model)}
+        if positions is None:
+            positions = [n[: -len("_s_gate")] for n in by_name if n.endswith("_s_gate")]
+            positions = [_position_from_key(k) for k in positions]
+        self.positions = tuple(positions)
+        try:
+            self.s = [by_name[_gate_names(p)[0]] for p in self.positions]
+            self.t = [by_name[_gate_names(p)[1]] for p in self.positions]
+        except KeyError as e:
+            raise ValueError(f"model has no gate {e.args[0]!r}; is it a template?") from None
+        self.head = by_name.get("head_gate")
+        self.all = self.s + self.t + ([self.head] if self.head is not None else [])
+
+    def drop_rates(self):
+        """Learned drop rates as a NumPy array [P, 2] (columns: S branch, T branch)."""
+        import numpy as np
+        return np.array([[float(s.drop_rate), float(t.drop_rate)]
+                         for s, t in zip(self.s, self.t)], dtype=np.float64)
+
+    def set_mask(self, mask) -> None:
+        """Assigns a keep mask [P, 2]; no retrace.  Use inside tf.function too."""
+        for i, (s, t) in enumerate(zip(self.s, self.t)):
+            s.mask.assign(mask[i][0])
+            t.mask.assign(mask[i][1])
+
+    def set_strategy(self, strategy: FusionStrategy) -> None:
+        if tuple(strategy.positions) != self.positions:
+            raise ValueError("strategy positions do not match the template's")
+        self.set_mask(strategy.to_mask())
+
+
+def _position_from_key(key: str) -> str:
+    if key.startswith("b"):
+        b, l = key.split("_")
+        return f"B{b[1:]}.L{l[1:]}"
+    return key.upper()

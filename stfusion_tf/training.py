@@ -1,0 +1,225 @@
+"""Training the template with ``model.fit``: warm-up, then Variational DropPath.
+
+What the callbacks do:
+
+* ``GateSchedule``: gates off for the first ``warmup_epochs`` (the paper's
+  warm-up without v-DropPath), on afterwards.  The switch is a variable
+  assignment (no retrace) and depends only on the epoch, so it survives resume.
+* ``AtomicCheckpoint``: a ``tf.train.CheckpointManager`` of model, optimizer
+  and epoch, written at the end of every epoch and kept to the last K.  TF
+  writes the data and index files first and the ``checkpoint`` state file last
+  by rename, so a run killed mid-write (even ``kill -9``) resumes from the last
+  complete checkpoint.  An "epoch" is ``steps_per_epoch`` optimizer steps, so a
+  resumed run ends at the same step count as an uninterrupted one.
+* ``FusionSummaries``: cross-entropy vs regulariser split, learning rate,
+  drop-rate histograms and the marginal bar chart (Fig. 4 style) in TensorBoard.
+* ``StopOnNonFinite``: NaN/Inf loss stops the run with a clear message; the
+  last good checkpoint is kept (the bad epoch is never saved).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from stfusion_tf import evaluation
+from stfusion_tf.analysis import marginals as marg
+from stfusion_tf.data import pipeline, records
+from stfusion_tf.model import gates as gates_lib
+from stfusion_tf.model import template as tpl
+
+DISTRIBUTIONS = ("default", "mirrored", "multi_worker", "tpu")
+OPTIMIZERS = ("sgd", "adam")
+MODEL_FILE = "template.keras"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 6
+    warmup_epochs: int = 2
+    learning_rate: float = 0.01
+    lr_steps: tuple[int, ...] = ()
+    lr_factor: float = 0.1
+    momentum: float = 0.9
+    optimizer: str = "sgd"
+    steps_per_epoch: int | None = None
+    keep_checkpoints: int = 3
+    seed: int = 0
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def make_distribution(name: str, tpu: str = "") -> tf.distribute.Strategy:
+    if name == "default":
+        return tf.distribute.get_strategy()
+    if name == "mirrored":
+        return tf.distribute.MirroredStrategy()
+    if name == "multi_worker":
+        return tf.distribute.MultiWorkerMirroredStrategy()
+    if name == "tpu":
+        resolver = tf.distribute.cluster_resolver.TPUClusterResolver(tpu=tpu)
+        tf.config.experimental_connect_to_cluster(resolver)
+        tf.tpu.experimental.initialize_tpu_system(resolver)
+        return tf.distribute.TPUStrategy(resolver)
+    raise ValueError(f"distribution={name!r}; valid values: {', '.join(DISTRIBUTIONS)}")
+
+
+class GateSchedule(keras.callbacks.Callback):
+    def __init__(self, warmup_epochs: int):
+        super().__init__()
+        self.warmup_epochs = warmup_epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        gates_lib.set_enabled(gates_lib.gate_layers(self.model), epoch >= self.warmup_epochs)
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLossError(
+                f"loss became {loss} at batch {batch}; stopping. The last good checkpoint "
+                "is kept; lower --learning_rate or check the input data.")
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    def __init__(self, directory: str, max_to_keep: int):
+        super().__init__()
+        self.directory = directory
+        self.max_to_keep = max_to_keep
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+
+    def attach(self, model):
+        self.ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=self.epoch)
+        self.manager = tf.train.CheckpointManager(self.ckpt, self.directory, self.max_to_keep)
+        return self
+
+    def restore(self) -> int:
+        """Restores the latest checkpoint if any; returns the epoch to start from."""
+        if self.manager.latest_checkpoint:
+            self.ckpt.restore(self.manager.latest_checkpoint).expect_partial()
+            return int(self.epoch.numpy())
+        return 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch.assign(epoch + 1)
+        self.manager.save(checkpoint_number=epoch + 1)
+
+
+class FusionSummaries(keras.callbacks.Callback):
+    def __init__(self, log_dir: str, positions):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(log_dir)
+        self.positions = positions
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        if "loss" in logs and "cross_entropy" in logs:
+            logs["regularizer"] = float(logs["loss"]) - float(logs["cross_entropy"])
+        g = tpl.TemplateGates(self.model, self.positions)
+        rates = g.drop_rates()
+        opt = self.model.optimizer
+        lr = opt.learning_rate
+        lr = float(lr(opt.iterations)) if callable(lr) else float(np.asarray(lr))
+        logs["learning_rate"] = lr
+        with self.writer.as_default(step=epoch):
+            tf.summary.scalar("learning_rate", lr)
+            if "regularizer" in logs:
+                tf.summary.scalar("loss/regularizer", logs["regularizer"])
+                tf.summary.scalar("loss/cross_entropy", logs["cross_entropy"])
+            tf.summary.histogram("drop_rate/S_branch", rates[:, 0])
+            tf.summary.histogram("drop_rate/T_branch", rates[:, 1])
+            png = marg.plot(self.positions, rates, title=f"marginals, epoch {epoch + 1}")
+            tf.summary.image("marginals", tf.io.decode_png(png)[None])
+        self.writer.flush()
+
+
+def _optimizer(cfg: TrainConfig, steps_per_epoch: int):
+    lr = cfg.learning_rate
+    if cfg.lr_steps:
+        values = [cfg.learning_rate * cfg.lr_factor ** i for i in range(len(cfg.lr_steps) + 1)]
+        lr = keras.optimizers.schedules.PiecewiseConstantDecay(
+            [int(e * steps_per_epoch) for e in cfg.lr_steps], values)
+    if cfg.optimizer == "sgd":
+        return keras.optimizers.SGD(lr, momentum=cfg.momentum)
+    if cfg.optimizer == "adam":
+        return keras.optimizers.Adam(lr)
+    raise ValueError(f"optimizer={cfg.optimizer!r}; valid values: {', '.join(OPTIMIZERS)}")
+
+
+def save_model_atomic(model: keras.Model, path: str) -> None:
+    tmp = path + ".tmp.keras"
+    model.save(tmp)
+    os.replace(tmp, path)
+
+
+def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
+          gate_cfg: tpl.GateConfig, input_cfg: pipeline.InputConfig, cfg: TrainConfig,
+          distribution: str = "default", tpu: str = "", train_split: str = "train",
+          eval_split: str | None = "val", verbose: int = 1, log=print) -> dict:
+    """Trains (or resumes) the template in ``model_dir``; returns a summary dict."""
+    os.makedirs(model_dir, exist_ok=True)
+    manifest = records.read_manifest(data_dir)
+    n_train = manifest["splits"][train_split]["num_clips"]
+    gate_cfg = dataclasses.replace(gate_cfg, dataset_size=n_train)
+    steps = cfg.steps_per_epoch or max(1, n_train // input_cfg.batch_size)
+    strategy = make_distribution(distribution, tpu)
+    template_cfg = dataclasses.replace(template_cfg, num_frames=input_cfg.model_frames,
+                                       crop_size=input_cfg.crop_size)
+    keras.utils.set_random_seed(cfg.seed)
+    with strategy.scope():
+        model = tpl.build_template(template_cfg, manifest["num_classes"], gate_cfg,
+                                   synchronized_bn=strategy.num_replicas_in_sync > 1)
+        model.compile(
+            optimizer=_optimizer(cfg, steps),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=[keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="cross_entropy"),
+                     keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+        model.optimizer.build(model.trainable_variables)
+        ckpt = AtomicCheckpoint(os.path.join(model_dir, "checkpoints"), cfg.keep_checkpoints)
+        ckpt.attach(model)
+        start_epoch = ckpt.restore()
+    if start_epoch:
+        log(f"resuming from epoch {start_epoch} (step {int(model.optimizer.iterations.numpy())})")
+    positions = tpl.template_positions(template_cfg)
+    train_ds = pipeline.train_dataset(data_dir, train_split, input_cfg)
+    callbacks = [
+        GateSchedule(cfg.warmup_epochs),
+        StopOnNonFinite(),
+        FusionSummaries(os.path.join(model_dir, "tensorboard", "fusion"), positions),
+        ckpt,
+        keras.callbacks.TensorBoard(os.path.join(model_dir, "tensorboard"), write_graph=False),
+    ]
+    history = {}
+    if start_epoch < cfg.epochs:
+        h = model.fit(train_ds, epochs=cfg.epochs, initial_epoch=start_epoch,
+                      steps_per_epoch=steps, callbacks=callbacks, verbose=verbose)
+        history = {k: [float(v) for v in vals] for k, vals in h.history.items()}
+    gates_lib.set_enabled(gates_lib.gate_layers(model), cfg.epochs > cfg.warmup_epochs)
+    save_model_atomic(model, os.path.join(model_dir, MODEL_FILE))
+    summary = {"epochs": cfg.epochs, "steps": int(model.optimizer.iterations.numpy()),
+               "steps_per_epoch": steps, "dataset_size": n_train, "history": history,
+               "drop_rates": tpl.TemplateGates(model, positions).drop_rates().tolist(),
+               "positions": list(positions)}
+    if eval_split:
+        eval_cfg = dataclasses.replace(input_cfg, batch_size=max(1, input_cfg.batch_size))
+        summary["eval"] = {eval_split: evaluation.evaluate(
+            model, pipeline.eval_dataset(data_dir, eval_split, eval_cfg))}
+        log(f"{eval_split}: {json.dumps(summary['eval'][eval_split])}")
+    records.write_json_atomic(os.path.join(model_dir, "train_summary.json"), summary)
+    return summary
+
+
+def load_template(model_dir: str) -> keras.Model:
+    path = os.path.join(model_dir, MODEL_FILE)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"no trained template at {path}; run --mode=train first")
+    return keras.models.load_model(path)

@@ -1,0 +1,117 @@
+"""Marginals (Eq. 7), strategy sampling, ranking with inherited weights."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from stfusion_tf.analysis import marginals as M
+from stfusion_tf.analysis import ranking
+from stfusion_tf.data import pipeline
+from stfusion_tf.model import template as T
+from stfusion_tf.model.strategy import FusionStrategy
+
+
+def test_marginals_match_hand_computation_and_sum_to_one():
+    p = np.array([[0.0, 0.0], [0.25, 0.04], [0.49, 1.0], [0.09, 0.36]])
+    m = M.marginals(p)
+    ms, mt = 1 - np.sqrt(p[:, 0]), 1 - np.sqrt(p[:, 1])
+    # Row 1 by hand: m_S = 0.5, m_T = 0.8.
+    np.testing.assert_allclose(m[1], [0.5 * 0.2, 0.5 * 0.8, 0.5 * 0.8, 0.5 * 0.2])
+    np.testing.assert_allclose(m[:, 0], ms * (1 - mt))
+    np.testing.assert_allclose(m[:, 1], (1 - ms) * mt)
+    np.testing.assert_allclose(m[:, 2], ms * mt)
+    np.testing.assert_allclose(m.sum(1), 1.0)
+    np.testing.assert_allclose(m[0], [0, 0, 1, 0])
+    with pytest.raises(ValueError):
+        M.marginals([[1.2, 0.1]])
+
+
+def test_marginal_files_and_plot():
+    rows = M.marginals_table(["B1.L1", "T1"], [[0.1, 0.2], [0.3, 0.4]])
+    assert M.to_csv(rows).splitlines()[0] == "position,p_S,p_T,S,ST,S+ST,none"
+    assert json.loads(M.to_json(rows))[1]["position"] == "T1"
+    png = M.plot(["B1.L1", "T1"], [[0.1, 0.2], [0.3, 0.4]],
+                 best=FusionStrategy(("B1.L1", "T1"), ("S", "ST")))
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sample_frequencies_match_drop_rates():
+    p = np.array([[0.05, 0.5], [0.3, 0.9], [0.7, 0.2]])
+    masks = ranking.sample_masks(p, 4000, seed=3)
+    drop_freq = 1 - masks.mean(0)
+    se = np.sqrt(p * (1 - p) / 4000)
+    assert np.all(np.abs(drop_freq - p) < 4 * se + 1e-9)
+    np.testing.assert_array_equal(masks, ranking.sample_masks(p, 4000, seed=3))
+    assert not np.array_equal(masks, ranking.sample_masks(p, 4000, seed=4))
+
+
+@pytest.fixture(scope="module")
+def scorer(motion_dir):
+    model = T.build_template(T.preset("tiny"), 4)
+    gates = T.TemplateGates(model)
+    for i, g in enumerate(gates.s + gates.t):
+        g.p_logit.assign(-2.0 + 0.2 * i)
+    ds = pipeline.eval_dataset(motion_dir, "val", pipeline.InputConfig(batch_size=8))
+    return ranking.StrategyScorer(model, gates, ds)
+
+
+def test_mask_scoring_equals_the_fixed_strategy_network(scorer, motion_dir):
+    """Scoring through masks == the same weights with dropped branches removed."""
+    import tensorflow as tf
+    from stfusion_tf import evaluation
+    from stfusion_tf.model import gates as G
+    gates = scorer.gates
+    st = ranking.sample_strategies(gates.positions, gates.drop_rates(), 1, seed=11)[0]
+    via_mask = scorer.score(st)
+    saved = [np.asarray(v) for v in scorer.model.weights]
+    try:
+        gates.set_mask(np.ones((len(gates.positions), 2)))
+        keep = st.to_mask()
+        for i in range(len(gates.positions)):
+            for j, g in enumerate((gates.s[i], gates.t[i])):
+                if keep[i, j] == 0:
+                    g.layer.kernel.assign(tf.zeros_like(g.layer.kernel))
+        G.set_inference_mode(gates.s + gates.t, "identity")
+        fixed = evaluation.evaluate(scorer.model, pipeline.eval_dataset(
+            motion_dir, "val", pipeline.InputConfig(batch_size=8)))
+    finally:
+        for v, w in zip(scorer.model.weights, saved):
+            v.assign(w)
+        G.set_inference_mode(gates.s + gates.t, "mask")
+    assert via_mask["video_top1"] == fixed["video_top1"]
+    assert via_mask["clip_top1"] == fixed["clip_top1"]
+
+
+def test_ranking_resumes_without_rescoring_and_never_retraces(scorer, tmp_path):
+    gates = scorer.gates
+    path = str(tmp_path / "ranking.jsonl")
+    rates = gates.drop_rates()
+    calls = []
+    real = scorer.score
+
+    def counting(st):
+        calls.append(st.key())
+        return real(st)
+
+    scorer.score = counting
+    try:
+        full = ranking.rank(scorer, gates.positions, rates, 12, 5, path, log=lambda *a: None)
+        unique = len({r["key"] for r in full})
+        assert len(calls) == unique
+        # Simulate an interruption: keep 5 rows and a torn last line.
+        lines = open(path).read().splitlines()
+        with open(path, "w") as f:
+            f.write("\n".join(lines[:5]) + "\n" + lines[5][: len(lines[5]) // 2])
+        calls.clear()
+        again = ranking.rank(scorer, gates.positions, rates, 12, 5, path, log=lambda *a: None)
+    finally:
+        scorer.score = real
+    done_keys = {json.loads(l)["key"] for l in lines[:5]}
+    assert not done_keys & set(calls)  # finished strategies were not scored again
+    assert [r["key"] for r in again] == [r["key"] for r in full]
+    assert len(open(path).read().splitlines()) == 12
+    assert scorer.trace_count <= 2  # one trace per batch shape (full and last batch)
+    assert full[0]["video_top1"] >= full[-1]["video_top1"]
+    assert os.path.exists(path)

@@ -1,0 +1,172 @@
+"""Record format, crash-safe writer, synthetic tasks' properties, tf.data pipeline."""
+
+import os
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from stfusion_tf.data import pipeline, records, synthetic
+
+
+def _records(data_dir, split):
+    return [r.numpy() for r in tf.data.TFRecordDataset(records.shard_paths(data_dir, split))]
+
+
+def test_writer_reader_round_trip(motion_dir):
+    spec = synthetic.SyntheticSpec(name="synthetic_motion", num_train=48, num_val=16, num_test=16,
+                                   clips_per_shard=16)
+    recs = _records(motion_dir, "val")
+    assert len(recs) == 16
+    for i in (0, 5):
+        enc, label, media_id = pipeline.parse_clip(recs[i])
+        frames = np.stack([tf.io.decode_jpeg(e).numpy() for e in enc.numpy()])
+        want, want_label = synthetic.render_clip(spec, "val", i)
+        assert int(label) == want_label and media_id.numpy() == f"synthetic_motion/val/{i:06d}".encode()
+        assert frames.shape == want.shape
+        assert np.mean(np.abs(frames.astype(float) - want)) < 10.0  # JPEG q90 drops pixel noise
+        assert np.corrcoef(frames.ravel(), want.ravel())[0, 1] > 0.95
+
+
+def test_manifest_describes_the_dataset(motion_dir):
+    m = records.read_manifest(motion_dir)
+    assert m["label_map"] == ["east", "west", "south", "north"]
+    assert m["splits"]["train"]["num_clips"] == 48
+    assert m["splits"]["train"]["shards"] == [f"train-0000{i}-of-00003.tfrecord" for i in range(3)]
+    assert sum(m["splits"]["train"]["clips_per_class"].values()) == 48
+    assert m["splits"]["val"]["num_frames"] == {"min": 16, "max": 16, "mean": 16.0}
+    assert m["num_skipped"] == 0 and m["skipped"] == []
+
+
+def test_model_garden_decoder_parses_our_records(motion_dir):
+    from official.vision.dataloaders import video_input
+    rec = _records(motion_dir, "test")[3]
+    out = video_input.Decoder().decode(tf.constant(rec))
+    assert out[video_input.IMAGE_KEY].shape == (16,)
+    assert int(out[video_input.LABEL_KEY][0]) == 3
+    assert tf.io.decode_jpeg(out[video_input.IMAGE_KEY][0]).shape == (40, 40, 3)
+
+
+def test_crash_leaves_nothing_that_looks_complete_and_rerun_resumes(tmp_path, monkeypatch):
+    spec = synthetic.SyntheticSpec(num_train=8, num_val=4, num_test=4, clips_per_shard=4)
+    calls = {"n": 0}
+    real = records.make_sequence_example
+
+    def flaky(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise RuntimeError("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(records, "make_sequence_example", flaky)
+    with pytest.raises(RuntimeError):
+        synthetic.prepare_synthetic(str(tmp_path), spec, log=lambda *a: None)
+    names = sorted(os.listdir(tmp_path))
+    assert "manifest.json" not in names
+    assert names[0] == "train-00000-of-00002.tfrecord"  # finished before the crash
+    assert all(n.endswith(".tmp") for n in names[1:])  # the cut shard never got its real name
+    done = os.path.getmtime(tmp_path / names[0])
+    monkeypatch.setattr(records, "make_sequence_example", real)
+    m = synthetic.prepare_synthetic(str(tmp_path), spec, log=lambda *a: None)
+    assert os.path.getmtime(tmp_path / names[0]) == done  # finished shard skipped
+    assert m["splits"]["train"]["num_clips"] == 8
+    assert len(_records(str(tmp_path), "train")) == 8
+
+
+def _displacements(frames):
+    """Per-step displacement (dy, dx) of the moving content: static background
+    removed (temporal median), then phase correlation of consecutive frames."""
+    f = frames.astype(np.float32).mean(-1)
+    f = f - np.median(f, axis=0, keepdims=True)
+    out = []
+    for a, b in zip(f[:-1], f[1:]):
+        r = np.fft.ifft2(np.fft.fft2(b) * np.conj(np.fft.fft2(a)))
+        dy, dx = np.unravel_index(np.argmax(np.abs(r)), r.shape)
+        n = f.shape[1]
+        out.append(((dy + n // 2) % n - n // 2, (dx + n // 2) % n - n // 2))
+    return np.array(out)
+
+
+def _direction_class(frames):
+    dy, dx = np.median(_displacements(frames), axis=0)
+    vec = (int(np.sign(dy)), int(np.sign(dx)))
+    table = {v: i for i, v in enumerate(synthetic._DIR_VEC[d] for d in synthetic.DIRECTIONS)}
+    return table.get(vec, -1)
+
+
+def test_synthetic_motion_class_is_only_in_the_motion():
+    spec = synthetic.SyntheticSpec(name="synthetic_motion", num_classes=4)
+    clips = [synthetic.render_clip(spec, "train", i) for i in range(160)]
+    labels = np.array([c[1] for c in clips])
+    rng = np.random.default_rng(0)
+    # In order, the motion gives the class...
+    ordered = np.array([_direction_class(f) for f, _ in clips])
+    assert np.mean(ordered == labels) > 0.95
+    # ... time reversal maps each class to its opposite (i <-> i ^ 1) ...
+    reversed_ = np.array([_direction_class(f[::-1]) for f, _ in clips])
+    assert np.mean(reversed_ == (labels ^ 1)) > 0.95
+    # ... and a frame-shuffled view carries no class information.
+    shuffled = np.array([_direction_class(f[rng.permutation(len(f))]) for f, _ in clips])
+    assert np.mean(shuffled == labels) < 0.45
+    # Single frames: a nearest-centroid classifier on 10x10 thumbnails is at chance.
+    def thumb(f):
+        return f.reshape(10, 4, 10, 4, 3).mean((1, 3)).ravel()
+    feats = np.array([thumb(f[rng.integers(len(f))]) for f, _ in clips])
+    train, test = slice(0, 100), slice(100, 160)
+    cents = np.stack([feats[train][labels[train] == c].mean(0) for c in range(4)])
+    pred = np.argmin(((feats[test][:, None] - cents[None]) ** 2).sum(-1), axis=1)
+    assert np.mean(pred == labels[test]) < 0.45
+
+
+def test_synthetic_appearance_class_is_in_single_frames():
+    spec = synthetic.SyntheticSpec(name="synthetic_appearance", num_classes=4)
+    clips = [synthetic.render_clip(spec, "train", i) for i in range(40)]
+    # Motion is independent of the class: direction classes spread over labels.
+    dirs = np.array([_direction_class(f) for f, _ in clips])
+    labels = np.array([c[1] for c in clips])
+    for c in range(4):
+        assert len(set(dirs[labels == c])) > 1
+    # The shape's area differs by class in every single frame.
+    areas = {c: [] for c in range(4)}
+    for f, label in clips:
+        mask = synthetic._shape_mask(synthetic.SHAPES[label], 16)
+        areas[label].append(mask.sum())
+    assert len({round(np.mean(v)) for v in areas.values()}) == 4
+
+
+def test_train_pipeline_shapes_and_labels(motion_dir):
+    cfg = pipeline.InputConfig(batch_size=4)
+    x, y = next(iter(pipeline.train_dataset(motion_dir, "train", cfg)))
+    assert x.shape == (4, 8, 32, 32, 3) and x.dtype == tf.float32
+    assert set(y.numpy()) <= {0, 1, 2, 3}
+    assert abs(float(tf.reduce_mean(x))) < 2.0
+
+
+def test_eval_views_are_grouped_per_video(motion_dir):
+    cfg = pipeline.InputConfig(num_clips=2, num_crops=3, temporal_pool=True, batch_size=5)
+    xs, ys, vs = [], [], []
+    for x, y, v in pipeline.eval_dataset(motion_dir, "val", cfg):
+        xs.append(x.shape)
+        ys.extend(y.numpy())
+        vs.extend(v.numpy())
+    assert xs[0][1:] == (3, 32, 32, 3)  # 8 frames pooled (window 3, stride 2) -> 3
+    assert len(vs) == 16 * 6
+    vs, ys = np.array(vs), np.array(ys)
+    for vid in range(16):
+        assert np.sum(vs == vid) == 6 and len(set(ys[vs == vid])) == 1
+
+
+def test_pipeline_streams_shards_over_http(motion_dir):
+    from http_server import serve
+    with serve(motion_dir) as url:
+        n = sum(int(x.shape[0]) for x, _, _ in pipeline.eval_dataset(
+            url, "test", pipeline.InputConfig(batch_size=8)))
+        x, _ = next(iter(pipeline.train_dataset(url, "train", pipeline.InputConfig(batch_size=4))))
+    assert n == 16 and x.shape[0] == 4
+
+
+def test_bad_split_names_valid_ones(motion_dir):
+    with pytest.raises(ValueError, match="valid splits: test, train, val"):
+        records.shard_paths(motion_dir, "validation")
+    with pytest.raises(FileNotFoundError, match="run --mode=prepare"):
+        records.read_manifest(motion_dir + "/nope")

@@ -1,0 +1,144 @@
+"""Variational DropPath gate: regulariser, gradients, modes, serialisation."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from stfusion_tf.model import gates as G
+from stfusion_tf.model import template as T
+
+
+def _gate(regularizer="code", noise="path", p=0.3, k=7.0, n=50, units=4):
+    inner = keras.layers.Conv3D(units, (3, 1, 1), padding="same", use_bias=False) if noise == "path" \
+        else keras.layers.Dense(units)
+    g = G.VariationalDropPath(inner, init_drop_rate=p, regularizer=regularizer, noise=noise,
+                              length_scale=k, dataset_size=n)
+    shape = (None, 2, 3, 3, 5) if noise == "path" else (None, 6)
+    g.build(shape)
+    return g
+
+
+@pytest.mark.parametrize("noise", ["path", "feature"])
+def test_regulariser_matches_both_formulas(noise):
+    p, k, n = 0.3, 7.0, 50
+    for form in ("code", "paper"):
+        g = _gate(form, noise, p, k, n)
+        w = np.asarray(g.layer.kernel, np.float64)
+        sq = float(np.sum(w ** 2))
+        feats = w.shape[0] if noise == "feature" else 1
+        if form == "code":
+            want = (k / n) * (1 - p) * sq + feats * (p * np.log(p) + (1 - p) * np.log(1 - p)) / n
+        else:
+            want = k ** 2 * (1 - p) / (2 * n) * sq + feats * p * np.log(p) / n
+        assert float(g.regularization()) == pytest.approx(want, rel=1e-5)
+        # The same value is what add_loss contributes in training.
+        x = tf.ones((2, 2, 3, 3, 5)) if noise == "path" else tf.ones((2, 6))
+        g(x, training=True)
+        assert float(g.losses[-1]) == pytest.approx(want, rel=1e-5)
+
+
+def test_warmup_has_no_regulariser_and_is_identity():
+    g = _gate(p=0.5)
+    G.set_enabled([g], False)
+    x = tf.random.normal((8, 2, 3, 3, 5))
+    np.testing.assert_allclose(g(x, training=True), g.layer(x), atol=1e-6)
+    assert float(g.losses[-1]) == 0.0
+
+
+def test_training_gate_drops_whole_paths_per_sample():
+    g = G.VariationalDropPath(keras.layers.Conv3D(1, 1, use_bias=False, kernel_initializer="ones"),
+                              init_drop_rate=0.5, temperature=0.05)
+    x = tf.ones((256, 2, 2, 2, 1))
+    y = g(x, training=True).numpy()
+    per_sample = y.reshape(256, -1)
+    # Constant within a sample (drop path), different across samples.
+    np.testing.assert_allclose(per_sample, per_sample[:, :1] * np.ones_like(per_sample), atol=1e-5)
+    kept = per_sample[:, 0]
+    assert 0.3 < np.mean(kept > 0.5) < 0.7
+    assert np.mean((kept < 0.05) | (kept > 0.95)) > 0.8  # low temperature: nearly hard
+
+
+def test_inference_modes():
+    g = _gate(p=0.4)
+    x = tf.random.normal((4, 2, 3, 3, 5))
+    ref = g.layer(x).numpy()
+    np.testing.assert_allclose(g(x), 0.6 * ref, rtol=1e-5, atol=1e-6)  # expected: x (1 - p)
+    G.set_inference_mode([g], "mask")
+    g.mask.assign(0.0)
+    np.testing.assert_allclose(g(x), 0.0 * ref, atol=1e-6)
+    g.mask.assign(1.0)
+    np.testing.assert_allclose(g(x), ref, rtol=1e-5, atol=1e-6)
+    G.set_inference_mode([g], "identity")
+    np.testing.assert_allclose(g(x), ref, rtol=1e-5, atol=1e-6)
+    G.set_inference_mode([g], "sample")
+    outs = np.stack([g(tf.ones((64, 2, 3, 3, 5))).numpy() for _ in range(5)])
+    zero = np.all(outs.reshape(5, 64, -1) == 0, axis=-1)
+    assert 0.2 < zero.mean() < 0.6
+    with pytest.raises(ValueError, match="valid values: expected, mask, sample, identity"):
+        G.set_inference_mode([g], "hard")
+
+
+def test_gradients_reach_every_drop_logit_and_training_moves_them(tiny_model):
+    model = tiny_model
+    gl = G.gate_layers(model)
+    G.set_enabled(gl, True)
+    x = tf.random.normal((4, 8, 32, 32, 3))
+    y = tf.constant([0, 1, 2, 3])
+    with tf.GradientTape() as tape:
+        logits = model(x, training=True)
+        loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(y, logits, from_logits=True))
+        loss += tf.add_n(model.losses)
+    logit_vars = [g.p_logit for g in gl]
+    grads = tape.gradient(loss, logit_vars)
+    assert all(gr is not None and float(tf.abs(gr)) > 0 for gr in grads)
+    before = np.array([float(v) for v in logit_vars])
+    opt = keras.optimizers.SGD(0.5)
+    for _ in range(3):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(keras.losses.sparse_categorical_crossentropy(
+                y, model(x, training=True), from_logits=True)) + tf.add_n(model.losses)
+        opt.apply_gradients(zip(tape.gradient(loss, logit_vars), logit_vars))
+    after = np.array([float(v) for v in logit_vars])
+    assert np.all(np.abs(after - before) > 1e-6)
+
+
+def test_masks_change_output_without_retracing():
+    model = T.build_template(T.preset("tiny"), 3)
+    gates = T.TemplateGates(model)
+    G.set_inference_mode(gates.s + gates.t, "mask")
+    traces = []
+
+    @tf.function
+    def fwd(mask, x):
+        traces.append(1)
+        gates.set_mask(tf.unstack(mask))
+        return model(x, training=False)
+
+    x = tf.random.normal((2, 8, 32, 32, 3))
+    P = len(gates.positions)
+    outs = [fwd(tf.constant(m, tf.float32), x).numpy() for m in
+            (np.ones((P, 2)), np.tile([1, 0], (P, 1)), np.tile([0, 1], (P, 1)))]
+    assert len(traces) == 1
+    assert not np.allclose(outs[0], outs[1]) and not np.allclose(outs[1], outs[2])
+
+
+def test_save_load_keeps_drop_rates_weights_and_state(tmp_path):
+    model = T.build_template(T.preset("tiny"), 3, T.GateConfig(dataset_size=10))
+    gates = T.TemplateGates(model)
+    rng = np.random.default_rng(0)
+    for g in gates.all:
+        g.p_logit.assign(rng.normal())
+    G.set_enabled(gates.all, False)
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    lg = T.TemplateGates(loaded)
+    np.testing.assert_allclose(lg.drop_rates(), gates.drop_rates())
+    assert lg.positions == gates.positions
+    assert all(int(g.enabled.numpy()) == 0 for g in lg.all)
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    x = tf.random.normal((2, 8, 32, 32, 3))
+    np.testing.assert_allclose(model(x), loaded(x), rtol=1e-5, atol=1e-5)
+    assert loaded.get_layer("b1_l1_s_gate").get_config()["dataset_size"] == 10

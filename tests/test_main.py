@@ -1,0 +1,34 @@
+"""The absl entry point: clear messages for bad flags, parameter summary."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _run(*args):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
+    return subprocess.run([sys.executable, "-m", "stfusion_tf.main", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_bad_mode_names_valid_values():
+    r = _run("--mode=bogus")
+    assert r.returncode != 0
+    assert "Traceback" not in r.stderr
+    assert "prepare" in r.stderr and "analyze" in r.stderr and "export" in r.stderr
+
+
+def test_inconsistent_flags_are_usage_errors():
+    r = _run("--mode=summary", "--epochs=2", "--warmup_epochs=5")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "--warmup_epochs=5 exceeds --epochs=2" in r.stderr
+
+
+def test_summary_prints_parameter_counts():
+    r = _run("--mode=summary", "--preset=tiny", "--num_classes=4")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["positions"] == 11 and out["params_total"] > 10000

@@ -1,0 +1,63 @@
+"""Template network layout, strategies through masks, the full-size preset."""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from stfusion_tf.model import gates as G
+from stfusion_tf.model import template as T
+from stfusion_tf.model.strategy import FusionStrategy
+
+
+def test_positions_follow_fig4():
+    pos = T.template_positions(T.preset("densenet121"))
+    assert len(pos) == 61
+    assert pos[:7] == ("B1.L1", "B1.L2", "B1.L3", "B1.L4", "B1.L5", "B1.L6", "T1")
+    assert pos[19] == "T2" and pos[44] == "T3" and pos[-1] == "B4.L16"
+    assert T.template_positions(T.preset("tiny")) == (
+        "B1.L1", "B1.L2", "T1", "B2.L1", "B2.L2", "T2", "B3.L1", "B3.L2", "T3", "B4.L1", "B4.L2")
+
+
+def test_bad_preset_names_valid_ones():
+    with pytest.raises(ValueError, match="valid presets: densenet121, small, tiny"):
+        T.preset("resnet")
+
+
+@pytest.mark.parametrize("unit", ["S", "ST", "S+ST"])
+def test_strategy_mask_equals_removing_the_branch(unit):
+    model = T.build_template(T.preset("tiny"), 3)
+    x = tf.random.normal((2, 8, 32, 32, 3), seed=1)
+    gates = T.TemplateGates(model)
+    G.set_inference_mode(gates.s + gates.t, "mask")
+    G.set_inference_mode([gates.head], "identity")
+    gates.set_strategy(FusionStrategy.uniform(gates.positions, unit))
+    masked = model(x, training=False).numpy()
+    # Same weights, dropped branches physically removed (kernels zeroed), no masks.
+    gates.set_mask(np.ones((len(gates.positions), 2)))
+    keep = FusionStrategy.uniform(gates.positions, unit).to_mask()
+    for i in range(len(gates.positions)):
+        for j, g in enumerate((gates.s[i], gates.t[i])):
+            if keep[i, j] == 0:
+                g.layer.kernel.assign(tf.zeros_like(g.layer.kernel))
+    removed = model(x, training=False).numpy()
+    np.testing.assert_allclose(masked, removed, rtol=1e-5, atol=1e-6)
+
+
+def test_temporal_downsample_variant_shapes():
+    cfg = T.preset("tiny", temporal_downsample=True)
+    model = T.build_template(cfg, 5)
+    assert model(tf.zeros((1, 8, 32, 32, 3))).shape == (1, 5)
+    assert model.get_layer("t1_pool").pool_size == (2, 2, 2)
+
+
+def test_full_densenet121_template_builds_and_matches_paper_size():
+    model = T.build_template(T.preset("densenet121"), 174)
+    assert model.input_shape == (None, 16, 224, 224, 3)
+    assert model.output_shape == (None, 174)
+    trainable = sum(int(np.prod(v.shape)) for v in model.trainable_weights)
+    kernels = sum(int(np.prod(v.shape)) for v in model.weights if v.path.endswith("kernel"))
+    # Paper Table 1: 21.4M. Conv + FC kernels: 21.25M; with BN scale/shift: 21.40M.
+    assert 21.2e6 < kernels < 21.3e6
+    assert abs(trainable - 21.4e6) < 0.05e6
+    assert len(T.TemplateGates(model).positions) == 61
+    assert len(G.gate_layers(model)) == 2 * 61 + 1
