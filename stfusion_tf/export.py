@@ -26,6 +26,7 @@ from __future__ import annotations
 import os
 import shutil
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -141,7 +142,22 @@ def strategy_classifier(model, strategy: FusionStrategy):
 
 def export_classifier(model, strategy: FusionStrategy, name: str, label_map, export_dir: str,
                       eval_short_side: int, version: int = 1) -> str:
+    """Writes the classifier through Keras' ``ExportArchive``.
+
+    (A plain ``tf.Module`` holding a Keras 3 model loads with TF2's
+    ``tf.saved_model.load`` but not with the TF1 loader that ``saved_model_cli
+    run`` and TF Serving use: "Could not find variable ...".)
+    """
     strategy_classifier(model, strategy)
     mod = Classifier(model, label_map, eval_short_side)
-    return _save(mod, os.path.join(export_dir, f"classifier_{name}", str(version)),
-                 {"serving_default": mod.serve_uint8, "preprocessed": mod.serve_float})
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    archive.add_endpoint("serving_default", mod.serve_uint8)
+    archive.add_endpoint("preprocessed", mod.serve_float)
+    path = os.path.join(export_dir, f"classifier_{name}", str(version))
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    archive.write_out(tmp, verbose=False)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+    return path

@@ -1,6 +1,8 @@
 """Command-line entry point: ``python -m stfusion_tf.main --flagfile=configs/<x>.flags``.
 
-Modes: ``prepare`` (write the dataset's TFRecord shards), ``train`` (warm-up
+Modes: ``prepare`` (write the dataset's TFRecord shards; converts Kinetics-400,
+Something-Something V1/V2, UCF101 or a folder of videos from ``--source_dir``),
+``data_service`` (run a tf.data service dispatcher and workers), ``train`` (warm-up
 then v-DropPath training of the template), ``analyze`` (marginals, strategy
 ranking, Opt, report), ``export`` (SavedModels), ``all`` (the four in order) and
 ``summary`` (build a template preset and print its parameter count).  This is
@@ -17,8 +19,10 @@ import time
 
 from absl import app, flags, logging
 
-MODES = ("prepare", "train", "analyze", "export", "all", "summary")
-DATASETS = ("synthetic_motion", "synthetic_appearance")
+MODES = ("prepare", "train", "analyze", "export", "all", "summary", "data_service")
+SYNTHETIC = ("synthetic_motion", "synthetic_appearance")
+REAL = ("kinetics400", "ssv1", "ssv2", "ucf101", "folder")
+DATASETS = SYNTHETIC + REAL
 PRESETS = ("tiny", "small", "densenet121")
 
 FLAGS = flags.FLAGS
@@ -29,6 +33,18 @@ flags.DEFINE_string("data_dir", None, "Dataset directory (shards + manifest.json
 flags.DEFINE_string("model_dir", None, "Where checkpoints, TensorBoard logs, the trained template "
                     "and the analysis go. Default: runs/<dataset>.")
 flags.DEFINE_string("export_dir", None, "SavedModel root. Default: <model_dir>/export.")
+# Real datasets (--mode=prepare converts them from their official layout).
+flags.DEFINE_string("source_dir", None, "Root of the raw dataset in its official layout "
+                    "(see stfusion_tf/data/convert.py); needed to prepare a real dataset.")
+flags.DEFINE_list("annotations", [], "Kinetics-400 annotation CSVs (default: "
+                  "<source_dir>/annotations/{train,validate}.csv).")
+flags.DEFINE_enum("ucf_split", "1", ["1", "2", "3"], "UCF101 train/test split.")
+flags.DEFINE_integer("short_side", 256, "Stored frames are resized to this short side.", lower_bound=8)
+flags.DEFINE_integer("clips_per_shard", 256, "Clips per TFRecord shard.", lower_bound=1)
+flags.DEFINE_integer("prepare_workers", None, "Decoding processes (default: 2 or the core count).")
+flags.DEFINE_float("holdout_fraction", 0.0, "Fraction of the training videos moved into a "
+                   "'holdout' split (strategy selection) when a dataset has no spare split.")
+flags.DEFINE_integer("max_frames", 0, "Keep at most this many frames per video (0: all).", lower_bound=0)
 # Synthetic data.
 flags.DEFINE_integer("synthetic_classes", 4, "Classes of a synthetic dataset.", lower_bound=2)
 flags.DEFINE_integer("synthetic_train", 256, "Training clips of a synthetic dataset.", lower_bound=1)
@@ -48,6 +64,11 @@ flags.DEFINE_bool("flip", False, "Random horizontal flip (off for direction-sens
 flags.DEFINE_bool("temporal_pool", False, "Temporal average pooling (window 3, stride 2) of the "
                   "input clip: the supplement's low temporal resolution experiment.")
 flags.DEFINE_integer("batch_size", 8, "Global batch size.", lower_bound=1)
+flags.DEFINE_string("data_service", None, "grpc://HOST:PORT of a tf.data service dispatcher: "
+                    "run training-input preprocessing on its workers.")
+flags.DEFINE_integer("data_service_port", 5050, "--mode=data_service: dispatcher port.")
+flags.DEFINE_integer("data_service_workers", 2, "--mode=data_service: workers in this process.",
+                     lower_bound=1)
 flags.DEFINE_integer("num_clips", 1, "Evaluation clips per video.", lower_bound=1)
 flags.DEFINE_enum("num_crops", "1", ["1", "3"], "Evaluation crops per clip.")
 # Model.
@@ -138,6 +159,8 @@ def _gate_cfg():
 
 
 def run_prepare(data_dir):
+    if FLAGS.dataset in REAL:
+        return _prepare_real(data_dir)
     from stfusion_tf.data import synthetic
     spec = synthetic.SyntheticSpec(
         name=FLAGS.dataset, num_classes=FLAGS.synthetic_classes, num_train=FLAGS.synthetic_train,
@@ -150,6 +173,24 @@ def run_prepare(data_dir):
           f"{time.time() - t0:.1f}s")
 
 
+def _prepare_real(data_dir):
+    from stfusion_tf.data import convert
+    if not FLAGS.source_dir:
+        raise app.UsageError(f"--dataset={FLAGS.dataset} needs --source_dir (the raw dataset)")
+    try:
+        listing = convert.list_dataset(FLAGS.dataset, FLAGS.source_dir, int(FLAGS.ucf_split),
+                                       FLAGS.annotations)
+        listing = convert.carve_holdout(listing, FLAGS.holdout_fraction)
+    except (FileNotFoundError, ValueError) as e:
+        raise app.UsageError(f"cannot read {FLAGS.dataset} from {FLAGS.source_dir}: {e}") from None
+    manifest = convert.convert(listing, data_dir, FLAGS.dataset, short_side=FLAGS.short_side,
+                               clips_per_shard=FLAGS.clips_per_shard, workers=FLAGS.prepare_workers,
+                               max_frames=FLAGS.max_frames)
+    if not any(s["num_clips"] for s in manifest["splits"].values()):
+        raise app.UsageError(f"no clip of {FLAGS.source_dir} could be converted; "
+                             f"see {data_dir}/manifest.json for the reasons")
+
+
 def run_train(data_dir, model_dir):
     from stfusion_tf import training
     cfg = training.TrainConfig(
@@ -160,6 +201,7 @@ def run_train(data_dir, model_dir):
         seed=FLAGS.seed)
     summary = training.train(model_dir, data_dir, _template_cfg(), _gate_cfg(), _input_cfg(), cfg,
                              distribution=FLAGS.distribution, tpu=FLAGS.tpu,
+                             data_service=FLAGS.data_service,
                              eval_split=FLAGS.selection_split, verbose=FLAGS.verbose)
     print(f"[train] {model_dir}: {summary['steps']} steps; "
           f"{json.dumps(summary.get('eval', {}))}")
@@ -208,9 +250,11 @@ def run_export(data_dir, model_dir, export_dir):
 
 
 def run_summary():
+    import dataclasses
     import numpy as np
     from stfusion_tf.model import template
-    cfg = _template_cfg()
+    cfg = dataclasses.replace(_template_cfg(), num_frames=_input_cfg().model_frames,
+                              crop_size=FLAGS.crop_size)
     model = template.build_template(cfg, FLAGS.num_classes, _gate_cfg())
     trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
     total = model.count_params()
@@ -230,6 +274,17 @@ def main(argv):
     mode = FLAGS.mode
     if mode == "summary":
         return run_summary()
+    if mode == "data_service":
+        from stfusion_tf.data import service
+        if FLAGS.data_service_port < 1:
+            raise app.UsageError("--data_service_port must be a port number >= 1")
+        svc = service.start(FLAGS.data_service_port, FLAGS.data_service_workers)
+        print(f"[data_service] dispatcher at {svc.target} with {FLAGS.data_service_workers} workers; "
+              f"train with --data_service={svc.target}", flush=True)
+        svc.join()
+        return 0
+    if FLAGS.data_service and not FLAGS.data_service.startswith("grpc://"):
+        raise app.UsageError(f"--data_service={FLAGS.data_service!r} must look like grpc://HOST:PORT")
     if mode in ("prepare", "all"):
         run_prepare(data_dir)
     if mode in ("train", "all"):

@@ -164,7 +164,8 @@ def save_model_atomic(model: keras.Model, path: str) -> None:
 def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
           gate_cfg: tpl.GateConfig, input_cfg: pipeline.InputConfig, cfg: TrainConfig,
           distribution: str = "default", tpu: str = "", train_split: str = "train",
-          eval_split: str | None = "val", verbose: int = 1, log=print) -> dict:
+          eval_split: str | None = "val", verbose: int = 1, log=print,
+          data_service: str | None = None) -> dict:
     """Trains (or resumes) the template in ``model_dir``; returns a summary dict."""
     os.makedirs(model_dir, exist_ok=True)
     manifest = records.read_manifest(data_dir)
@@ -190,7 +191,7 @@ def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
     if start_epoch:
         log(f"resuming from epoch {start_epoch} (step {int(model.optimizer.iterations.numpy())})")
     positions = tpl.template_positions(template_cfg)
-    train_ds = pipeline.train_dataset(data_dir, train_split, input_cfg)
+    train_ds = pipeline.train_dataset(data_dir, train_split, input_cfg, data_service=data_service)
     callbacks = [
         GateSchedule(cfg.warmup_epochs),
         StopOnNonFinite(),

@@ -170,3 +170,16 @@ def test_bad_split_names_valid_ones(motion_dir):
         records.shard_paths(motion_dir, "validation")
     with pytest.raises(FileNotFoundError, match="run --mode=prepare"):
         records.read_manifest(motion_dir + "/nope")
+
+
+def test_tf_data_service_on_loopback_with_two_workers(motion_dir):
+    from stfusion_tf.data import service
+    svc = service.start(port=0, num_workers=2)
+    assert svc.target.startswith("grpc://localhost:")
+    ds = pipeline.train_dataset(motion_dir, "train", pipeline.InputConfig(batch_size=4),
+                                data_service=svc.target)
+    batches = list(ds.take(6))
+    assert len(batches) == 6
+    assert all(x.shape == (4, 8, 32, 32, 3) and y.shape == (4,) for x, y in batches)
+    with pytest.raises(ValueError, match="grpc://host:port"):
+        service.distribute(ds, "localhost:5000")

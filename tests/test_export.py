@@ -113,3 +113,21 @@ def test_bad_inputs_fail_clearly(exported):
         serve(clips=tf.zeros((1, 0, 32, 32, 3), tf.uint8))
     with pytest.raises(tf.errors.InvalidArgumentError, match="not compatible with expected shape \\[\\?,8,32,32,3\\]"):
         clf.signatures["preprocessed"](clips=tf.zeros((1, 4, 32, 32, 3)))
+
+
+def test_saved_model_cli_runs_the_serving_signature(exported, tmp_path):
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    clips = np.random.default_rng(3).integers(0, 256, size=(1, 9, 40, 40, 3)).astype(np.uint8)
+    np.save(tmp_path / "clips.npy", clips)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    r = subprocess.run([cli, "run", "--dir", exported["classifier"], "--tag_set", "serve",
+                        "--signature_def", "serving_default",
+                        "--inputs", f"clips={tmp_path / 'clips.npy'}"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "probabilities" in r.stdout and "top_k_names" in r.stdout
+    r = subprocess.run([cli, "run", "--dir", exported["space"], "--tag_set", "serve",
+                        "--signature_def", "sample", "--input_exprs", "num=3;seed=7"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "unit_codes" in r.stdout

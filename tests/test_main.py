@@ -32,3 +32,17 @@ def test_summary_prints_parameter_counts():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["positions"] == 11 and out["params_total"] > 10000
+
+
+def test_every_config_parses_and_its_network_builds():
+    """Full-size configs are shape-checked on CPU: build only, no data needed."""
+    import glob
+    for path in sorted(glob.glob(os.path.join(ROOT, "configs", "*.flags"))):
+        r = _run(f"--flagfile={path}", "--mode=summary")
+        assert r.returncode == 0, (path, r.stderr[-2000:])
+        out = json.loads(r.stdout)
+        name = os.path.basename(path)
+        if name.startswith("synthetic"):
+            assert out["input"] == [8, 32, 32, 3] and out["positions"] == 11
+        else:
+            assert out["input"] == [16, 224, 224, 3] and out["positions"] == 61, name

@@ -29,3 +29,15 @@ def test_tensorflow_io_http_filesystem_reads_tfrecord(tmp_path):
         got = [r.numpy().decode() for r in tf.data.TFRecordDataset(f"{base}/x.tfrecord")]
     assert got == [f"record-{i}" for i in range(5)]
     assert np.all(np.array(got) != "")
+
+
+def test_model_garden_dependencies_import_cleanly():
+    """tensorflow-datasets 4.9.10 / tensorflow-metadata 1.21 need a newer protobuf than TF 2.16's."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    r = subprocess.run([sys.executable, "-c", "import tensorflow_datasets, official.vision.dataloaders.video_input"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "runtime_version" not in r.stderr

@@ -138,8 +138,12 @@ def _shard_files(data_dir: str, split: str) -> list[str]:
     return records.shard_paths(data_dir, split)
 
 
-def train_dataset(data_dir: str, split: str, cfg: InputConfig, repeat: bool = True) -> tf.data.Dataset:
-    """(clips [B,T,H,W,3] float32, labels [B] int32), shuffled and repeated."""
+def train_dataset(data_dir: str, split: str, cfg: InputConfig, repeat: bool = True,
+                  data_service: str | None = None) -> tf.data.Dataset:
+    """(clips [B,T,H,W,3] float32, labels [B] int32), shuffled and repeated.
+
+    With ``data_service`` (grpc://host:port) the pipeline runs on tf.data service workers.
+    """
     ds = _records(_shard_files(data_dir, split), True, cfg.seed)
     ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed)
     if repeat:
@@ -148,7 +152,11 @@ def train_dataset(data_dir: str, split: str, cfg: InputConfig, repeat: bool = Tr
     ds = ds.map(lambda enc, label, _: (preprocess_train(enc, cfg), label),
                 num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     ds = ds.ignore_errors(log_warning=True)
-    return ds.batch(cfg.batch_size, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(cfg.batch_size, drop_remainder=True)
+    if data_service:
+        from stfusion_tf.data import service
+        ds = service.distribute(ds, data_service)
+    return ds.prefetch(tf.data.AUTOTUNE)
 
 
 def eval_dataset(data_dir: str, split: str, cfg: InputConfig) -> tf.data.Dataset:
