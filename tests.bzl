@@ -7,7 +7,7 @@ def pytest_test(name, src, support, deps, size = "medium"):
         srcs = ["tests/bazel_pytest.py", src] + support,
         main = "tests/bazel_pytest.py",
         args = ["$(location %s)" % src],
-        data = ["configs/synthetic_motion.flags", "setup.cfg"],
+        data = native.glob(["configs/*.flags"]) + ["setup.cfg"],
         python_version = "PY3",
         deps = deps,
     )

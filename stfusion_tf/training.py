@@ -91,9 +91,16 @@ class StopOnNonFinite(keras.callbacks.Callback):
 
 
 class AtomicCheckpoint(keras.callbacks.Callback):
-    def __init__(self, directory: str, max_to_keep: int):
+    """Saves to ``directory``; restores from ``restore_from`` (the chief's folder).
+
+    In multi-worker training every worker takes part in saving, but only the
+    chief writes the real checkpoints; the others write to a scratch folder.
+    """
+
+    def __init__(self, directory: str, max_to_keep: int, restore_from: str | None = None):
         super().__init__()
         self.directory = directory
+        self.restore_from = restore_from or directory
         self.max_to_keep = max_to_keep
         self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
 
@@ -104,8 +111,9 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 
     def restore(self) -> int:
         """Restores the latest checkpoint if any; returns the epoch to start from."""
-        if self.manager.latest_checkpoint:
-            self.ckpt.restore(self.manager.latest_checkpoint).expect_partial()
+        latest = tf.train.latest_checkpoint(self.restore_from)
+        if latest:
+            self.ckpt.restore(latest).expect_partial()
             return int(self.epoch.numpy())
         return 0
 
@@ -122,8 +130,13 @@ class FusionSummaries(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs if logs is not None else {}
-        if "loss" in logs and "cross_entropy" in logs:
-            logs["regularizer"] = float(logs["loss"]) - float(logs["cross_entropy"])
+        gl = gates_lib.gate_layers(self.model)
+        if gl and int(gl[0].enabled.numpy()):
+            # From the gates, not loss - cross_entropy: Keras' displayed loss counts add_loss
+            # terms once per replica under MirroredStrategy with synchronized BN.
+            logs["regularizer"] = float(sum(float(x.regularization()) for x in gl))
+        else:
+            logs["regularizer"] = 0.0
         g = tpl.TemplateGates(self.model, self.positions)
         rates = g.drop_rates()
         opt = self.model.optimizer
@@ -132,14 +145,81 @@ class FusionSummaries(keras.callbacks.Callback):
         logs["learning_rate"] = lr
         with self.writer.as_default(step=epoch):
             tf.summary.scalar("learning_rate", lr)
-            if "regularizer" in logs:
-                tf.summary.scalar("loss/regularizer", logs["regularizer"])
+            tf.summary.scalar("loss/regularizer", logs["regularizer"])
+            if "cross_entropy" in logs:
                 tf.summary.scalar("loss/cross_entropy", logs["cross_entropy"])
             tf.summary.histogram("drop_rate/S_branch", rates[:, 0])
             tf.summary.histogram("drop_rate/T_branch", rates[:, 1])
             png = marg.plot(self.positions, rates, title=f"marginals, epoch {epoch + 1}")
             tf.summary.image("marginals", tf.io.decode_png(png)[None])
         self.writer.flush()
+
+
+def worker_role(strategy) -> tuple[bool, int]:
+    """(is_chief, task_id) of this process; single-host strategies are always chief."""
+    resolver = getattr(strategy.extended, "_cluster_resolver", None) or getattr(
+        strategy, "cluster_resolver", None)
+    task_type = getattr(resolver, "task_type", None)
+    task_id = getattr(resolver, "task_id", None) or 0
+    if not task_type or task_type == "chief":
+        return True, 0
+    has_chief = "chief" in (resolver.cluster_spec().as_dict() if resolver else {})
+    return (task_type == "worker" and task_id == 0 and not has_chief), int(task_id)
+
+
+def fit_multi_worker(model, strategy, dataset, epochs: int, initial_epoch: int, steps: int,
+                     global_batch: int, callbacks, verbose: int) -> dict:
+    """``model.fit`` for MultiWorkerMirroredStrategy, which Keras 3's fit does not
+    support (keras-team/keras#20585: "Attempt to convert a value (PerReplica...)").
+
+    Same loss (mean cross-entropy over the global batch + the gates' regulariser,
+    once), same callbacks, same logs; gradients are all-reduced by the strategy.
+    """
+    replicas = strategy.num_replicas_in_sync
+    with strategy.scope():
+        ce_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+        m_loss = keras.metrics.Mean(name="loss")
+        m_ce = keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="cross_entropy")
+        m_acc = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    metrics = [m_loss, m_ce, m_acc]
+
+    def replica_step(x, y):
+        with tf.GradientTape() as tape:
+            logits = model(x, training=True)
+            ce = tf.nn.compute_average_loss(ce_loss(y, logits), global_batch_size=global_batch)
+            reg = tf.add_n(model.losses) if model.losses else tf.constant(0.0)
+            loss = ce + reg / replicas
+        grads = tape.gradient(loss, model.trainable_variables)
+        model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        m_ce.update_state(y, logits)
+        m_acc.update_state(y, logits)
+        return loss
+
+    @tf.function
+    def train_step(iterator):
+        x, y = next(iterator)
+        per_replica = strategy.run(replica_step, args=(x, y))
+        loss = strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+        m_loss.update_state(loss)
+        return loss
+
+    iterator = iter(strategy.experimental_distribute_dataset(dataset))
+    cbs = keras.callbacks.CallbackList(callbacks, add_history=True, add_progbar=verbose != 0,
+                                       model=model, verbose=verbose, epochs=epochs, steps=steps)
+    cbs.on_train_begin()
+    logs = {}
+    for epoch in range(initial_epoch, epochs):
+        for m in metrics:
+            m.reset_state()
+        cbs.on_epoch_begin(epoch)
+        for batch in range(steps):
+            cbs.on_train_batch_begin(batch)
+            train_step(iterator)
+            logs = {m.name: float(m.result()) for m in metrics}
+            cbs.on_train_batch_end(batch, logs)
+        cbs.on_epoch_end(epoch, logs)
+    cbs.on_train_end(logs)
+    return model.history.history
 
 
 def _optimizer(cfg: TrainConfig, steps_per_epoch: int):
@@ -166,13 +246,20 @@ def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
           distribution: str = "default", tpu: str = "", train_split: str = "train",
           eval_split: str | None = "val", verbose: int = 1, log=print,
           data_service: str | None = None) -> dict:
-    """Trains (or resumes) the template in ``model_dir``; returns a summary dict."""
+    """Trains (or resumes) the template in ``model_dir``; returns a summary dict.
+
+    ``input_cfg.batch_size`` is the global batch: Keras splits it across replicas,
+    and the regulariser, added once per replica, is scaled with the loss by
+    1/replicas, so it counts once in the gradient.
+    """
     os.makedirs(model_dir, exist_ok=True)
     manifest = records.read_manifest(data_dir)
     n_train = manifest["splits"][train_split]["num_clips"]
     gate_cfg = dataclasses.replace(gate_cfg, dataset_size=n_train)
     steps = cfg.steps_per_epoch or max(1, n_train // input_cfg.batch_size)
     strategy = make_distribution(distribution, tpu)
+    chief, task_id = worker_role(strategy)
+    write_dir = model_dir if chief else os.path.join(model_dir, "_worker_scratch", str(task_id))
     template_cfg = dataclasses.replace(template_cfg, num_frames=input_cfg.model_frames,
                                        crop_size=input_cfg.crop_size)
     keras.utils.set_random_seed(cfg.seed)
@@ -185,7 +272,8 @@ def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
             metrics=[keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="cross_entropy"),
                      keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
         model.optimizer.build(model.trainable_variables)
-        ckpt = AtomicCheckpoint(os.path.join(model_dir, "checkpoints"), cfg.keep_checkpoints)
+        ckpt = AtomicCheckpoint(os.path.join(write_dir, "checkpoints"), cfg.keep_checkpoints,
+                                restore_from=os.path.join(model_dir, "checkpoints"))
         ckpt.attach(model)
         start_epoch = ckpt.restore()
     if start_epoch:
@@ -195,21 +283,31 @@ def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
     callbacks = [
         GateSchedule(cfg.warmup_epochs),
         StopOnNonFinite(),
-        FusionSummaries(os.path.join(model_dir, "tensorboard", "fusion"), positions),
+        FusionSummaries(os.path.join(write_dir, "tensorboard", "fusion"), positions),
         ckpt,
-        keras.callbacks.TensorBoard(os.path.join(model_dir, "tensorboard"), write_graph=False),
+        keras.callbacks.TensorBoard(os.path.join(write_dir, "tensorboard"), write_graph=False),
     ]
     history = {}
     if start_epoch < cfg.epochs:
-        h = model.fit(train_ds, epochs=cfg.epochs, initial_epoch=start_epoch,
-                      steps_per_epoch=steps, callbacks=callbacks, verbose=verbose)
-        history = {k: [float(v) for v in vals] for k, vals in h.history.items()}
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            with strategy.scope():
+                h = fit_multi_worker(model, strategy, train_ds, cfg.epochs, start_epoch, steps,
+                                     input_cfg.batch_size, callbacks, verbose)
+        else:
+            h = model.fit(train_ds, epochs=cfg.epochs, initial_epoch=start_epoch,
+                          steps_per_epoch=steps, callbacks=callbacks, verbose=verbose).history
+        history = {k: [float(v) for v in vals] for k, vals in h.items()}
     gates_lib.set_enabled(gates_lib.gate_layers(model), cfg.epochs > cfg.warmup_epochs)
-    save_model_atomic(model, os.path.join(model_dir, MODEL_FILE))
     summary = {"epochs": cfg.epochs, "steps": int(model.optimizer.iterations.numpy()),
+               "replicas": strategy.num_replicas_in_sync, "chief": chief,
                "steps_per_epoch": steps, "dataset_size": n_train, "history": history,
                "drop_rates": tpl.TemplateGates(model, positions).drop_rates().tolist(),
                "positions": list(positions)}
+    if not chief:
+        import shutil
+        shutil.rmtree(write_dir, ignore_errors=True)
+        return summary
+    save_model_atomic(model, os.path.join(model_dir, MODEL_FILE))
     if eval_split:
         eval_cfg = dataclasses.replace(input_cfg, batch_size=max(1, input_cfg.batch_size))
         summary["eval"] = {eval_split: evaluation.evaluate(
