@@ -33,20 +33,27 @@ def summarise(clip_scores: np.ndarray, labels: np.ndarray, video_ids: np.ndarray
     }
 
 
-def predict_views(predict_fn, dataset):
-    """Runs ``predict_fn(clips) -> logits`` over an eval dataset of (clips, labels, vid)."""
+def predict_views(predict_fn, dataset, total_views: int | None = None, progress_stream=None):
+    """Runs ``predict_fn(clips) -> logits`` over an eval dataset of (clips, labels, vid).
+
+    With ``progress_stream`` a progress line (views/s, ETA) is written there.
+    """
     import tensorflow as tf
+    from stfusion_tf.progress import Progress
+    prog = Progress(total_views or 0, "eval", progress_stream) if progress_stream else None
     scores, labels, vids = [], [], []
     for clips, y, v in dataset:
         scores.append(tf.nn.softmax(predict_fn(clips), axis=-1).numpy())
         labels.append(y.numpy())
         vids.append(v.numpy())
+        if prog:
+            prog.update_many(len(labels[-1]))
     if not scores:
         raise ValueError("evaluation split is empty")
     return np.concatenate(scores), np.concatenate(labels), np.concatenate(vids)
 
 
-def evaluate(model, dataset) -> dict:
+def evaluate(model, dataset, total_views: int | None = None, progress_stream=None) -> dict:
     """Video-level and clip-level accuracy of a Keras model on an eval dataset."""
     import tensorflow as tf
 
@@ -54,4 +61,4 @@ def evaluate(model, dataset) -> dict:
     def fwd(x):
         return model(x, training=False)
 
-    return summarise(*predict_views(fwd, dataset))
+    return summarise(*predict_views(fwd, dataset, total_views, progress_stream))

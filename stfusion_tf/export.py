@@ -17,8 +17,9 @@ Both are plain ``tf.Module`` SavedModels in TF-Serving layout
   ``serving_default(clips uint8 [B,T,H,W,3])`` -> probabilities [B,C],
       top_k_indices / top_k_names [B,k]; resize of the short side, centre crop,
       central window of the model's frame count (repeated if the clip is
-      shorter) and ImageNet normalisation happen inside.
-  ``preprocessed(clips float32 [B,T',S,S,3])`` -> probabilities, top-k.
+      shorter) happen inside, and the network normalises (ImageNet mean/std).
+  ``preprocessed(clips float32 [B,T',S,S,3])`` -> probabilities, top-k: clips
+      already sampled, resized and cropped, as float pixel values in [0, 255].
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from stfusion_tf.data.pipeline import MEAN_RGB, STDDEV_RGB
 from stfusion_tf.model import gates as gates_lib
 from stfusion_tf.model.strategy import UNITS, FusionStrategy
 from stfusion_tf.model.template import TemplateGates
@@ -103,7 +103,6 @@ class Classifier(tf.Module):
         nw = tf.maximum(self.short_side, tf.cast(tf.round(tf.cast(w, tf.float32) * scale), tf.int32))
         x = tf.image.resize(tf.cast(x, tf.float32), tf.stack([nh, nw]))
         x = tf.image.resize_with_crop_or_pad(x, self.size, self.size)
-        x = (x - MEAN_RGB) / STDDEV_RGB
         x = tf.reshape(x, [b, self.frames, self.size, self.size, 3])
         return self._outputs(x)
 

@@ -199,10 +199,14 @@ def run_train(data_dir, model_dir):
         optimizer=FLAGS.optimizer,
         steps_per_epoch=FLAGS.steps_per_epoch, keep_checkpoints=FLAGS.keep_checkpoints,
         seed=FLAGS.seed)
-    summary = training.train(model_dir, data_dir, _template_cfg(), _gate_cfg(), _input_cfg(), cfg,
-                             distribution=FLAGS.distribution, tpu=FLAGS.tpu,
-                             data_service=FLAGS.data_service,
-                             eval_split=FLAGS.selection_split, verbose=FLAGS.verbose)
+    try:
+        summary = training.train(model_dir, data_dir, _template_cfg(), _gate_cfg(), _input_cfg(), cfg,
+                                 distribution=FLAGS.distribution, tpu=FLAGS.tpu,
+                                 data_service=FLAGS.data_service,
+                                 eval_split=FLAGS.selection_split, verbose=FLAGS.verbose)
+    except training.NonFiniteLossError as e:
+        print(f"[train] stopped: {e}", file=sys.stderr)
+        sys.exit(3)
     print(f"[train] {model_dir}: {summary['steps']} steps; "
           f"{json.dumps(summary.get('eval', {}))}")
 

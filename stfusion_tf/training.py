@@ -23,6 +23,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 
 import keras
 import numpy as np
@@ -79,6 +80,26 @@ class GateSchedule(keras.callbacks.Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         gates_lib.set_enabled(gates_lib.gate_layers(self.model), epoch >= self.warmup_epochs)
+
+
+class InputHealth(keras.callbacks.Callback):
+    """Logs how many training clips the input pipeline dropped as corrupt."""
+
+    def __init__(self, stats, log_dir: str, log=print):
+        super().__init__()
+        self.stats, self.log = stats, log
+        self.writer = tf.summary.create_file_writer(log_dir)
+        self.reported = 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        dropped = self.stats.dropped
+        if logs is not None:
+            logs["input_dropped_clips"] = float(dropped)
+        with self.writer.as_default(step=epoch):
+            tf.summary.scalar("input/dropped_clips", dropped)
+        if dropped > self.reported:
+            self.log(f"[input] {dropped} corrupt clip(s) dropped so far (see tf.data warnings)")
+            self.reported = dropped
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
@@ -279,10 +300,15 @@ def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
     if start_epoch:
         log(f"resuming from epoch {start_epoch} (step {int(model.optimizer.iterations.numpy())})")
     positions = tpl.template_positions(template_cfg)
-    train_ds = pipeline.train_dataset(data_dir, train_split, input_cfg, data_service=data_service)
+    # Counting needs variables inside the input pipeline, which tf.distribute's dataset
+    # rewriting and tf.data service cannot carry: count on single-replica local runs.
+    stats = None if (data_service or strategy.num_replicas_in_sync > 1) else pipeline.InputStats()
+    train_ds = pipeline.train_dataset(data_dir, train_split, input_cfg, data_service=data_service,
+                                      stats=stats)
     callbacks = [
         GateSchedule(cfg.warmup_epochs),
         StopOnNonFinite(),
+        *([InputHealth(stats, os.path.join(write_dir, "tensorboard", "input"), log)] if stats else []),
         FusionSummaries(os.path.join(write_dir, "tensorboard", "fusion"), positions),
         ckpt,
         keras.callbacks.TensorBoard(os.path.join(write_dir, "tensorboard"), write_graph=False),
@@ -309,9 +335,10 @@ def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
         return summary
     save_model_atomic(model, os.path.join(model_dir, MODEL_FILE))
     if eval_split:
-        eval_cfg = dataclasses.replace(input_cfg, batch_size=max(1, input_cfg.batch_size))
+        views = manifest["splits"][eval_split]["num_clips"] * input_cfg.num_clips * input_cfg.num_crops
         summary["eval"] = {eval_split: evaluation.evaluate(
-            model, pipeline.eval_dataset(data_dir, eval_split, eval_cfg))}
+            model, pipeline.eval_dataset(data_dir, eval_split, input_cfg), views,
+            progress_stream=sys.stderr if verbose else None)}
         log(f"{eval_split}: {json.dumps(summary['eval'][eval_split])}")
     records.write_json_atomic(os.path.join(model_dir, "train_summary.json"), summary)
     return summary

@@ -137,9 +137,9 @@ def test_synthetic_appearance_class_is_in_single_frames():
 def test_train_pipeline_shapes_and_labels(motion_dir):
     cfg = pipeline.InputConfig(batch_size=4)
     x, y = next(iter(pipeline.train_dataset(motion_dir, "train", cfg)))
-    assert x.shape == (4, 8, 32, 32, 3) and x.dtype == tf.float32
+    assert x.shape == (4, 8, 32, 32, 3) and x.dtype == tf.uint8  # the network normalises
     assert set(y.numpy()) <= {0, 1, 2, 3}
-    assert abs(float(tf.reduce_mean(x))) < 2.0
+    assert 20 < float(tf.reduce_mean(tf.cast(x, tf.float32))) < 235
 
 
 def test_eval_views_are_grouped_per_video(motion_dir):
@@ -183,3 +183,24 @@ def test_tf_data_service_on_loopback_with_two_workers(motion_dir):
     assert all(x.shape == (4, 8, 32, 32, 3) and y.shape == (4,) for x, y in batches)
     with pytest.raises(ValueError, match="grpc://host:port"):
         service.distribute(ds, "localhost:5000")
+
+
+def test_corrupt_frames_are_dropped_and_counted(tmp_path):
+    spec = synthetic.SyntheticSpec(num_train=12, num_val=2, num_test=2, clips_per_shard=6)
+    synthetic.prepare_synthetic(str(tmp_path), spec, log=lambda *a: None)
+    # Rewrite shard 1 with three clips whose 5th frame is not a JPEG.
+    path = tmp_path / "train-00001-of-00002.tfrecord"
+    recs = [r.numpy() for r in tf.data.TFRecordDataset(str(path))]
+    out = []
+    for i, r in enumerate(recs):
+        if i < 3:
+            ex = tf.train.SequenceExample.FromString(r)
+            ex.feature_lists.feature_list["image/encoded"].feature[4].bytes_list.value[0] = b"not a jpeg"
+            r = ex.SerializeToString()
+        out.append(r)
+    records.write_shard(str(path), out)
+    stats = pipeline.InputStats()
+    cfg = pipeline.InputConfig(batch_size=1, num_frames=16)  # every frame is decoded
+    n = sum(1 for _ in pipeline.train_dataset(str(tmp_path), "train", cfg, repeat=False, stats=stats))
+    assert n == 9
+    assert stats.dropped == 3 and int(stats.attempted.numpy()) == 12

@@ -33,7 +33,7 @@ def step(strategy, weights, gates_on, zero_ce=False):
     G.set_enabled(G.gate_layers(m), gates_on)
     reg = float(sum(g.regularization() for g in G.gate_layers(m)))
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(8, 8, 32, 32, 3)).astype("float32")
+    x = rng.uniform(0, 255, size=(8, 8, 32, 32, 3)).astype("float32")  # pixel values
     y = np.arange(8) % 4
     h = m.fit(tf.data.Dataset.from_tensor_slices((x, y)).batch(8), epochs=1, verbose=0).history
     return {"loss": h["loss"][0], "ce": h["ce"][0], "reg": reg,
@@ -60,7 +60,7 @@ def test_mirrored_two_cpus_matches_default_first_step():
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["replicas"] == 2
-    assert out["mirrored"]["loss"] == pytest.approx(out["default"]["loss"], rel=1e-4)
+    assert out["mirrored"]["loss"] == pytest.approx(out["default"]["loss"], rel=5e-4)
     assert out["mirrored"]["after"] == pytest.approx(out["default"]["after"], rel=1e-4, abs=1e-6)
     # Regulariser only (cross-entropy zeroed): the update with two replicas equals the
     # single-device update, so the per-replica regulariser counts once in the gradient.
@@ -140,3 +140,20 @@ def test_sigkill_mid_training_resumes_to_the_same_step_count(tiny_data, tmp_path
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["steps"] == 5 * 4
     assert len(summary["history"]["loss"]) < 5  # it resumed instead of starting over
+
+
+@pytest.mark.slow
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
+    run = tmp_path / "run"
+    base = ["--mode=train", "--warmup_epochs=1", f"--model_dir={run}"]
+    r = subprocess.run(_cmd(tiny_data, *base, "--epochs=1"), env=ENV, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    # Resume with a length-scale prior that overflows float32: the regulariser, on from epoch 2,
+    # makes the loss infinite.
+    r = subprocess.run(_cmd(tiny_data, *base, "--epochs=3", "--length_scale=1e39"), env=ENV,
+                       cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 3
+    assert "[train] stopped: loss became" in r.stderr and "Traceback" not in r.stderr
+    state = (run / "checkpoints" / "checkpoint").read_text()
+    assert 'model_checkpoint_path: "ckpt-1"' in state

@@ -38,6 +38,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from stfusion_tf.data import records
+from stfusion_tf.progress import Progress
 
 VIDEO_EXTS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg")
 LAYOUTS = ("kinetics400", "ssv1", "ssv2", "ucf101", "folder")
@@ -282,29 +283,6 @@ def decode_item(item: VideoItem, short_side: int, quality: int = 90, max_frames:
 
 
 # -- conversion ------------------------------------------------------------------------------
-
-class Progress:
-    """One-line progress on stderr: done/total, clips/s, ETA, skipped."""
-
-    def __init__(self, total: int, label: str, stream=sys.stderr, every: float = 0.5):
-        self.total, self.label, self.stream, self.every = total, label, stream, every
-        self.done = self.skipped = 0
-        self.t0 = self.last = time.time()
-
-    def update(self, ok: bool) -> None:
-        self.done += 1
-        self.skipped += 0 if ok else 1
-        now = time.time()
-        if now - self.last >= self.every or self.done == self.total:
-            self.last = now
-            rate = self.done / max(now - self.t0, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else 0.0
-            self.stream.write(f"\r[{self.label}] {self.done}/{self.total} clips  {rate:.1f} clips/s  "
-                              f"ETA {int(eta // 60)}:{int(eta % 60):02d}  skipped {self.skipped}")
-            if self.done == self.total:
-                self.stream.write("\n")
-            self.stream.flush()
-
 
 def _shard_sidecar(path: str) -> str:
     return path + ".json"

@@ -5,7 +5,8 @@ Garden's ``official.vision.ops.preprocess_ops_3d`` so that the clip
 preprocessing matches the reference video pipeline; only the sampled frames are
 decoded.  Training: dense consecutive frames with a stride from a random start,
 short side resized to a random size in [min_short_side, max_short_side], random
-crop, optional flip.  Evaluation: ``num_clips`` evenly spaced clips per video,
+crop (decoding only the crop window), optional flip.  Clips leave the pipeline as
+uint8 pixels: the network casts and normalises them.  Evaluation: ``num_clips`` evenly spaced clips per video,
 short side resized, centre (or 3) crops; every clip of a video carries the
 video's index so scores can be averaged per video.
 """
@@ -19,8 +20,6 @@ from official.vision.ops import preprocess_ops_3d as ops3d
 
 from stfusion_tf.data import records
 
-MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
-STDDEV_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +56,23 @@ class InputConfig:
         return self.num_frames
 
 
+class InputStats:
+    """Counts clips the training pipeline tried to decode and clips it decoded.
+
+    A corrupt frame makes its clip fail; ``ignore_errors`` drops the clip and the
+    difference of the two counters says how many were dropped.  (A corrupt
+    record, i.e. a CRC error, ends the read of its shard; tf.data logs it.)
+    """
+
+    def __init__(self):
+        self.attempted = tf.Variable(0, dtype=tf.int64, trainable=False, name="clips_attempted")
+        self.decoded = tf.Variable(0, dtype=tf.int64, trainable=False, name="clips_decoded")
+
+    @property
+    def dropped(self) -> int:
+        return int(self.attempted.numpy() - self.decoded.numpy())
+
+
 def parse_clip(serialized):
     """Parses one record into (encoded frames [N] string, label int32, media_id)."""
     context, seq = tf.io.parse_single_sequence_example(
@@ -81,24 +97,46 @@ def _decode(encoded):
     return ops3d.decode_jpeg(encoded, channels=3)
 
 
-def _normalise(frames):
-    """ImageNet mean/std as in the authors' code (Model Garden's op only rescales)."""
-    return (tf.cast(frames, tf.float32) - MEAN_RGB) / STDDEV_RGB
+def _to_pixels(frames):
+    """uint8 pixels: a quarter of float32's bytes through tf.data and batching; the
+    network casts and normalises them (model/normalization.py)."""
+    if frames.dtype == tf.uint8:
+        return frames
+    return tf.cast(tf.clip_by_value(tf.round(frames), 0, 255), tf.uint8)
+
+
+def _decode_random_crop(sampled, cfg: InputConfig):
+    """Scale jitter + random crop, decoding only the crop window of each JPEG.
+
+    Resizing the short side to s in [min_short_side, max_short_side] and cropping
+    ``crop_size`` equals cropping a window of crop_size * short / s pixels of the
+    original and resizing it to ``crop_size``; ``decode_and_crop_jpeg`` then
+    skips the pixels outside the window.
+    """
+    shape = tf.io.extract_jpeg_shape(sampled[0])
+    h, w = shape[0], shape[1]
+    short = tf.minimum(h, w)
+    target = tf.random.uniform((), cfg.min_short_side, cfg.max_short_side + 1, tf.int32, seed=cfg.seed)
+    win = tf.cast(tf.round(cfg.crop_size * tf.cast(short, tf.float32) / tf.cast(target, tf.float32)), tf.int32)
+    win = tf.clip_by_value(win, 1, short)
+    oy = tf.random.uniform((), 0, h - win + 1, tf.int32, seed=cfg.seed)
+    ox = tf.random.uniform((), 0, w - win + 1, tf.int32, seed=cfg.seed)
+    window = tf.stack([oy, ox, win, win])
+    frames = tf.map_fn(lambda e: tf.io.decode_and_crop_jpeg(e, window, channels=3), sampled,
+                       fn_output_signature=tf.TensorSpec([None, None, 3], tf.uint8))
+    return tf.cond(tf.equal(win, cfg.crop_size), lambda: frames,
+                   lambda: tf.cast(tf.round(tf.image.resize(frames, [cfg.crop_size, cfg.crop_size])), tf.uint8))
 
 
 def preprocess_train(encoded, cfg: InputConfig):
     sampled = ops3d.sample_sequence(encoded, cfg.num_frames, random=True, stride=cfg.stride,
                                     seed=cfg.seed)
-    frames = _decode(sampled)
-    short = tf.random.uniform((), cfg.min_short_side, cfg.max_short_side + 1, tf.int32,
-                              seed=cfg.seed)
-    frames = ops3d.resize_smallest(frames, short)
-    frames = ops3d.crop_image(frames, cfg.crop_size, cfg.crop_size, random=True, seed=cfg.seed)
+    frames = _decode_random_crop(sampled, cfg)
     if cfg.flip:
         frames = ops3d.random_flip_left_right(frames, seed=cfg.seed)
     if cfg.temporal_pool:
         frames = temporal_pool(frames)
-    frames = _normalise(frames)
+    frames = _to_pixels(frames)
     frames.set_shape((cfg.model_frames, cfg.crop_size, cfg.crop_size, 3))
     return frames
 
@@ -118,7 +156,7 @@ def preprocess_eval(encoded, cfg: InputConfig):
     for v in views:
         if cfg.temporal_pool:
             v = temporal_pool(v)
-        clips.append(_normalise(v))
+        clips.append(_to_pixels(v))
     out = tf.stack(clips)
     out.set_shape((cfg.num_clips * cfg.num_crops, cfg.model_frames, cfg.crop_size, cfg.crop_size, 3))
     return out
@@ -139,18 +177,30 @@ def _shard_files(data_dir: str, split: str) -> list[str]:
 
 
 def train_dataset(data_dir: str, split: str, cfg: InputConfig, repeat: bool = True,
-                  data_service: str | None = None) -> tf.data.Dataset:
-    """(clips [B,T,H,W,3] float32, labels [B] int32), shuffled and repeated.
+                  data_service: str | None = None,
+                  stats: InputStats | None = None) -> tf.data.Dataset:
+    """(clips [B,T,H,W,3] uint8, labels [B] int32), shuffled and repeated.
 
-    With ``data_service`` (grpc://host:port) the pipeline runs on tf.data service workers.
+    With ``data_service`` (grpc://host:port) the pipeline runs on tf.data service
+    workers; ``stats`` (local pipelines only) counts clips dropped as corrupt.
     """
     ds = _records(_shard_files(data_dir, split), True, cfg.seed)
     ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed)
     if repeat:
         ds = ds.repeat()
-    ds = ds.map(parse_clip, num_parallel_calls=tf.data.AUTOTUNE)
-    ds = ds.map(lambda enc, label, _: (preprocess_train(enc, cfg), label),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
+
+    def prep(serialized):  # parse + preprocess in one map: one function call per clip
+        enc, label, _ = parse_clip(serialized)
+        if stats is None or data_service:
+            return preprocess_train(enc, cfg), label
+        with tf.control_dependencies([stats.attempted.assign_add(1)]):
+            frames = preprocess_train(enc, cfg)
+        with tf.control_dependencies([frames]):
+            done = stats.decoded.assign_add(1)
+        with tf.control_dependencies([done]):
+            return tf.identity(frames), label
+
+    ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     ds = ds.ignore_errors(log_warning=True)
     ds = ds.batch(cfg.batch_size, drop_remainder=True)
     if data_service:

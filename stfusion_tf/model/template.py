@@ -21,6 +21,7 @@ import dataclasses
 import keras
 
 from stfusion_tf.model.gates import VariationalDropPath, gate_layers
+from stfusion_tf.model.normalization import PixelNormalization
 from stfusion_tf.model.strategy import FusionStrategy
 
 
@@ -129,6 +130,8 @@ def build_template(config: TemplateConfig, num_classes: int,
                    synchronized_bn: bool = False) -> keras.Model:
     """Builds the template as a functional Keras model: clips [B,T,H,W,3] -> logits.
 
+    Clips are float32 pixel values in [0, 255]; the first layer normalises them.
+
     ``synchronized_bn`` makes BatchNorm statistics global across replicas.
     """
     sync = synchronized_bn
@@ -136,7 +139,9 @@ def build_template(config: TemplateConfig, num_classes: int,
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     inputs = keras.Input((config.num_frames, config.crop_size, config.crop_size, 3), name="clip")
     t_stride = 2 if config.temporal_downsample else 1
-    x = _conv(config.init_features, config.stem_kernel, "stem_conv", strides=(t_stride, config.stem_spatial_stride, config.stem_spatial_stride))(inputs)
+    x = PixelNormalization(name="input_norm")(inputs)
+    x = _conv(config.init_features, config.stem_kernel, "stem_conv",
+              strides=(t_stride, config.stem_spatial_stride, config.stem_spatial_stride))(x)
     x = keras.layers.ReLU(name="stem_relu")(_bn("stem_bn", sync)(x))
     x = keras.layers.MaxPooling3D((3, 3, 3), strides=(t_stride, 2, 2), padding="same",
                                   name="stem_pool")(x)
