@@ -63,6 +63,16 @@ class Listing:
     def skip(self, source, reason, split=""):
         self.skipped.append({"source": str(source), "reason": reason, "split": split})
 
+    def add(self, path, label: str, index: dict, split: str, media_id: str, exists=os.path.isfile,
+            missing: str = "missing file", name: str | None = None) -> None:
+        """Adds one video, or records why not (unknown label, missing file)."""
+        if label not in index:
+            self.skip(name or media_id, f"unknown label {label!r}", split)
+        elif path is None or not exists(path):
+            self.skip(path if path is not None else (name or media_id), missing, split)
+        else:
+            self.items.append(VideoItem(path, index[label], split, media_id))
+
 
 # -- layout readers -----------------------------------------------------------------
 
@@ -90,12 +100,7 @@ def list_kinetics400(root: str, annotations: Sequence[str]) -> Listing:
     for r in rows:
         split = {"validate": "val", "validation": "val"}.get(r.get("split", "train"), r.get("split", "train"))
         stem = f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}"
-        if r.get("label") not in index:
-            listing.skip(stem, f"unknown label {r.get('label')!r}", split)
-        elif stem not in videos:
-            listing.skip(stem, "missing file", split)
-        else:
-            listing.items.append(VideoItem(videos[stem], index[r["label"]], split, stem))
+        listing.add(videos.get(stem), r.get("label"), index, split, stem)
     return listing
 
 
@@ -116,13 +121,8 @@ def list_ssv1(frames_dir: str, labels_csv: str, split_csvs: dict[str, str]) -> L
                 if not line:
                     continue
                 vid, _, label = line.partition(";")
-                folder = os.path.join(frames_dir, vid)
-                if label not in index:
-                    listing.skip(vid, f"unknown label {label!r}", split)
-                elif not os.path.isdir(folder):
-                    listing.skip(folder, "missing frame folder", split)
-                else:
-                    listing.items.append(VideoItem(folder, index[label], split, vid))
+                listing.add(os.path.join(frames_dir, vid), label, index, split, vid,
+                            exists=os.path.isdir, missing="missing frame folder")
     return listing
 
 
@@ -140,13 +140,7 @@ def list_ssv2(videos_dir: str, labels_json: str, split_jsons: dict[str, str]) ->
         for e in entries:
             vid = str(e["id"])
             label = e.get("template", e.get("label", "")).replace("[", "").replace("]", "")
-            video = os.path.join(videos_dir, f"{vid}.webm")
-            if label not in label_to_idx:
-                listing.skip(vid, f"unknown label {label!r}", split)
-            elif not os.path.isfile(video):
-                listing.skip(video, "missing file", split)
-            else:
-                listing.items.append(VideoItem(video, label_to_idx[label], split, vid))
+            listing.add(os.path.join(videos_dir, f"{vid}.webm"), label, label_to_idx, split, vid)
     return listing
 
 
@@ -169,15 +163,8 @@ def list_ucf101(videos_dir: str, splits_dir: str, split_id: int = 1) -> Listing:
                 if not line:
                     continue
                 rel = line.split()[0]
-                cls = rel.split("/")[0]
-                path = os.path.join(videos_dir, rel)
-                if cls not in classes:
-                    listing.skip(rel, f"unknown label {cls!r}", split)
-                elif not os.path.isfile(path):
-                    listing.skip(path, "missing file", split)
-                else:
-                    listing.items.append(VideoItem(path, classes[cls], split,
-                                                   os.path.splitext(os.path.basename(rel))[0]))
+                listing.add(os.path.join(videos_dir, rel), rel.split("/")[0], classes, split,
+                            os.path.splitext(os.path.basename(rel))[0], name=rel)
     return listing
 
 
