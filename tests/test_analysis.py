@@ -115,3 +115,37 @@ def test_ranking_resumes_without_rescoring_and_never_retraces(scorer, tmp_path):
     assert scorer.trace_count <= 2  # one trace per batch shape (full and last batch)
     assert full[0]["video_top1"] >= full[-1]["video_top1"]
     assert os.path.exists(path)
+
+
+def test_bn_recalibration_re_estimates_statistics_and_restores_them(motion_dir):
+    import tensorflow as tf
+    model = T.build_template(T.preset("tiny"), 4)
+    gates = T.TemplateGates(model)
+    cfg = pipeline.InputConfig(batch_size=8)
+    recal = pipeline.train_dataset(motion_dir, "train", cfg).take(1)
+    plain = ranking.StrategyScorer(model, gates, pipeline.eval_dataset(motion_dir, "val", cfg))
+    recal_scorer = ranking.StrategyScorer(model, gates, pipeline.eval_dataset(motion_dir, "val", cfg),
+                                          recalibration=recal)
+    bn = model.get_layer("stem_bn")
+    before = np.asarray(bn.moving_mean).copy()
+    st = FusionStrategy.uniform(gates.positions, "ST")
+    # Fresh template: moving statistics are still (0, 1); re-calibration changes the scores'
+    # inputs, and the template's statistics are put back afterwards.
+    captured = {}
+    real = recal_scorer._forward
+
+    def spy(mask, x):
+        captured.setdefault("mean", np.asarray(bn.moving_mean).copy())
+        return real(mask, x)
+
+    recal_scorer._forward = spy
+    recal_scorer.score(st)
+    np.testing.assert_array_equal(np.asarray(bn.moving_mean), before)
+    assert not np.allclose(captured["mean"], before)
+    # With one batch, the de-biased moving mean is exactly that batch's mean of the stem
+    # convolution's output.
+    x = recal_scorer.recal_batches[0]
+    stem = model.get_layer("stem_conv")(model.get_layer("input_norm")(x))
+    np.testing.assert_allclose(captured["mean"], tf.reduce_mean(stem, axis=[0, 1, 2, 3]).numpy(),
+                               rtol=1e-3, atol=1e-5)
+    assert plain.score(st)["num_videos"] == 16

@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--synthetic_train=32", "--synthetic_val=8", "--synthetic_test=8", "--synthetic_frames=10",
         "--batch_size=4", "--steps_per_epoch=3", "--warmup_epochs=1", "--num_samples=6",
-        "--verbose=0"]
+        "--recalibrate_batches=2", "--verbose=0"]
 
 
 def _main(tmp_path, *args):
@@ -47,6 +47,8 @@ def test_mode_all_then_resume(tmp_path):
     assert summary["steps"] == 6
     report = (run / "analysis/report.md").read_text()
     assert "Opt vs uniform" in report and "B4.L2" in report
+    assert "BatchNorm re-calibration" in report and "Kendall" in report
+    assert len((run / "analysis/ranking_bn_recalibrated.jsonl").read_text().splitlines()) == 6
     assert len((run / "analysis/ranking.jsonl").read_text().splitlines()) == 6
     tags = _tags(str(run / "tensorboard"))
     for tag in ("epoch_loss", "epoch_accuracy", "loss/regularizer", "loss/cross_entropy",

@@ -142,3 +142,14 @@ def test_save_load_keeps_drop_rates_weights_and_state(tmp_path):
     x = tf.random.normal((2, 8, 32, 32, 3))
     np.testing.assert_allclose(model(x), loaded(x), rtol=1e-5, atol=1e-5)
     assert loaded.get_layer("b1_l1_s_gate").get_config()["dataset_size"] == 10
+
+
+def test_mask_mode_holds_in_training_without_regulariser():
+    g = _gate(p=0.4)
+    x = tf.random.normal((4, 2, 3, 3, 5))
+    G.set_inference_mode([g], "mask")
+    g.mask.assign(0.0)
+    np.testing.assert_allclose(g(x, training=True), 0.0 * g.layer(x), atol=1e-6)
+    assert float(g.losses[-1]) == 0.0
+    g.mask.assign(1.0)
+    np.testing.assert_allclose(g(x, training=True), g.layer(x), rtol=1e-5, atol=1e-6)

@@ -20,6 +20,7 @@ import json
 import os
 from typing import Callable
 
+import keras
 import numpy as np
 import tensorflow as tf
 
@@ -47,10 +48,16 @@ class StrategyScorer:
     input signature however many strategies are scored.
     """
 
-    def __init__(self, model, gates: TemplateGates, dataset):
+    def __init__(self, model, gates: TemplateGates, dataset, recalibration=None):
+        """``recalibration``: training clips (a dataset of (x, y) batches) used to
+        re-estimate BatchNorm statistics of each sub-network before scoring it;
+        None keeps the template's statistics, as the authors did."""
         self.model = model
         self.gates = gates
         self.trace_count = 0
+        self.recal_batches = [x for x, _ in recalibration] if recalibration is not None else []
+        self.bns = [l for l in model._flatten_layers(include_self=False, recursive=True)
+                    if isinstance(l, keras.layers.BatchNormalization)]
         self.batches = [(x, y.numpy(), v.numpy()) for x, y, v in dataset]
         if not self.batches:
             raise ValueError("selection split is empty")
@@ -64,15 +71,48 @@ class StrategyScorer:
             self.gates.set_mask(tf.unstack(tf.reshape(mask, [-1, 2])))
             return tf.nn.softmax(self.model(x, training=False), axis=-1)
 
+        @tf.function(reduce_retracing=True)
+        def _bn_update(mask, x):
+            self.gates.set_mask(tf.unstack(tf.reshape(mask, [-1, 2])))
+            self.model(x, training=True)
+
         self._forward = _forward
+        self._bn_update = _bn_update
+
+    def _recalibrate(self, mask):
+        """Re-estimates moving BN statistics on the recalibration clips.
+
+        Moving averages restart from zero; after K batches with momentum m they
+        are divided by (1 - m^K), which removes the bias of the zero start.
+        """
+        for bn in self.bns:
+            bn.moving_mean.assign(tf.zeros_like(bn.moving_mean))
+            bn.moving_variance.assign(tf.zeros_like(bn.moving_variance))
+        for x in self.recal_batches:
+            self._bn_update(mask, x)
+        k = len(self.recal_batches)
+        for bn in self.bns:
+            debias = 1.0 - bn.momentum ** k
+            bn.moving_mean.assign(bn.moving_mean / debias)
+            bn.moving_variance.assign(bn.moving_variance / debias)
 
     def score_mask(self, mask) -> dict:
         mask = tf.convert_to_tensor(np.asarray(mask, np.float32))
-        scores, labels, vids = [], [], []
-        for x, y, v in self.batches:
-            scores.append(self._forward(mask, x).numpy())
-            labels.append(y)
-            vids.append(v)
+        saved = None
+        if self.recal_batches:
+            saved = [(np.asarray(b.moving_mean), np.asarray(b.moving_variance)) for b in self.bns]
+            self._recalibrate(mask)
+        try:
+            scores, labels, vids = [], [], []
+            for x, y, v in self.batches:
+                scores.append(self._forward(mask, x).numpy())
+                labels.append(y)
+                vids.append(v)
+        finally:
+            if saved is not None:
+                for b, (m, v) in zip(self.bns, saved):
+                    b.moving_mean.assign(m)
+                    b.moving_variance.assign(v)
         return evaluation.summarise(np.concatenate(scores), np.concatenate(labels),
                                     np.concatenate(vids))
 

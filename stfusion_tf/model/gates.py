@@ -24,7 +24,8 @@ rebuilds or retraces a compiled function:
 
 * ``enabled`` (0/1): 0 = warm-up, the gate is the identity in training and has
   no regulariser; 1 = variational training.
-* ``inference_mode``: what the gate does outside training:
+* ``inference_mode``: what the gate does outside training (``mask`` also
+  holds in training, with no regulariser: a fixed sub-network):
   ``expected`` (x * (1-p), the mean of the training gate; x when rescaling),
   ``mask`` (x * mask, a fixed 0/1 strategy mask), ``sample`` (a hard Bernoulli
   draw per call and sample), ``identity``.  In warm-up (``enabled`` = 0)
@@ -157,8 +158,14 @@ class VariationalDropPath(keras.layers.Wrapper):
         p = self.drop_rate
         enabled = tf.equal(tf.convert_to_tensor(self.enabled), 1)
         if training:
-            gated = tf.cond(enabled, lambda: self._relaxed(x, p), lambda: tf.identity(x))
-            reg = tf.cond(enabled, self.regularization, lambda: tf.constant(0.0))
+            # A fixed strategy (mask mode) also holds in training: fine-tuning or
+            # re-calibrating BatchNorm of one sub-network, with no regulariser.
+            fixed = tf.equal(tf.convert_to_tensor(self.inference_mode), 1)
+            mask = tf.cast(tf.convert_to_tensor(self.mask), x.dtype)
+            variational = tf.logical_and(enabled, tf.logical_not(fixed))
+            gated = tf.cond(fixed, lambda: x * mask,
+                            lambda: tf.cond(enabled, lambda: self._relaxed(x, p), lambda: tf.identity(x)))
+            reg = tf.cond(variational, self.regularization, lambda: tf.constant(0.0))
             self.add_loss(reg)
         else:
             mode = tf.convert_to_tensor(self.inference_mode)
