@@ -19,7 +19,7 @@ import time
 
 from absl import app, flags, logging
 
-MODES = ("prepare", "train", "analyze", "export", "all", "summary", "data_service")
+MODES = ("prepare", "train", "analyze", "export", "all", "fidelity", "summary", "data_service")
 SYNTHETIC = ("synthetic_motion", "synthetic_appearance")
 REAL = ("kinetics400", "ssv1", "ssv2", "ucf101", "folder")
 DATASETS = SYNTHETIC + REAL
@@ -103,6 +103,8 @@ flags.DEFINE_integer("recalibrate_batches", 0, "Also rank with BatchNorm statist
                      "per sampled sub-network on this many training batches (0: off, as the "
                      "authors); the report compares both rankings.", lower_bound=0)
 flags.DEFINE_string("report_split", "test", "Split on which Opt and uniform strategies are reported.")
+flags.DEFINE_integer("fidelity_strategies", 5, "--mode=fidelity: strategies trained stand-alone.",
+                     lower_bound=2)
 # Export.
 flags.DEFINE_string("strategy", "opt", "Classifier to export: 'opt' (the analysis' best sampled "
                     "strategy), 'S', 'ST', 'S+ST', or a FusionStrategy JSON path.")
@@ -194,14 +196,19 @@ def _prepare_real(data_dir):
                              f"see {data_dir}/manifest.json for the reasons")
 
 
-def run_train(data_dir, model_dir):
+def _train_cfg():
     from stfusion_tf import training
-    cfg = training.TrainConfig(
+    return training.TrainConfig(
         epochs=FLAGS.epochs, warmup_epochs=FLAGS.warmup_epochs, learning_rate=FLAGS.learning_rate,
         lr_steps=tuple(int(s) for s in FLAGS.lr_steps), momentum=FLAGS.momentum,
         optimizer=FLAGS.optimizer,
         steps_per_epoch=FLAGS.steps_per_epoch, keep_checkpoints=FLAGS.keep_checkpoints,
         seed=FLAGS.seed)
+
+
+def run_train(data_dir, model_dir):
+    from stfusion_tf import training
+    cfg = _train_cfg()
     try:
         summary = training.train(model_dir, data_dir, _template_cfg(), _gate_cfg(), _input_cfg(), cfg,
                                  distribution=FLAGS.distribution, tpu=FLAGS.tpu,
@@ -226,6 +233,26 @@ def run_analyze(data_dir, model_dir):
     comp = ", ".join(f"{k} {100 * v['video_top1']:.1f}" for k, v in result["comparison"].items())
     print(f"[analyze] {model_dir}/analysis/report.md; Opt {result['opt']['code']}; "
           f"video top-1 on {FLAGS.report_split}: {comp}")
+
+
+def run_fidelity(data_dir, model_dir):
+    from stfusion_tf import training
+    from stfusion_tf.analysis import fidelity
+    from stfusion_tf.model import template
+    positions = template.template_positions(_template_cfg())
+
+    def train_one(strategy, run_dir):
+        return training.train(run_dir, data_dir, _template_cfg(), _gate_cfg(), _input_cfg(),
+                              _train_cfg(), distribution=FLAGS.distribution, tpu=FLAGS.tpu,
+                              eval_split=FLAGS.selection_split, verbose=FLAGS.verbose,
+                              fixed_strategy=strategy)
+
+    try:
+        rep = fidelity.run(model_dir, positions, FLAGS.fidelity_strategies, train_one)
+    except FileNotFoundError as e:
+        raise app.UsageError(str(e)) from None
+    print(f"[fidelity] {model_dir}/analysis/fidelity.md; Kendall tau {rep['kendall_tau']:.3f}, "
+          f"Spearman rho {rep['spearman_rho']:.3f} over {rep['num_strategies']} strategies")
 
 
 def _export_strategy(model_dir, positions):
@@ -301,6 +328,8 @@ def main(argv):
         run_analyze(data_dir, model_dir)
     if mode in ("export", "all"):
         run_export(data_dir, model_dir, export_dir)
+    if mode == "fidelity":
+        run_fidelity(data_dir, model_dir)
     return 0
 
 

@@ -266,12 +266,16 @@ def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
           gate_cfg: tpl.GateConfig, input_cfg: pipeline.InputConfig, cfg: TrainConfig,
           distribution: str = "default", tpu: str = "", train_split: str = "train",
           eval_split: str | None = "val", verbose: int = 1, log=print,
-          data_service: str | None = None) -> dict:
+          data_service: str | None = None, fixed_strategy=None) -> dict:
     """Trains (or resumes) the template in ``model_dir``; returns a summary dict.
 
     ``input_cfg.batch_size`` is the global batch: Keras splits it across replicas,
     and the regulariser, added once per replica, is scaled with the loss by
     1/replicas, so it counts once in the gradient.
+
+    ``fixed_strategy`` (a FusionStrategy) trains that one sub-network stand-alone:
+    its masks hold in training and inference and the gates stay off (cross-entropy
+    only), e.g. to check inherited-weight rankings (``--mode=fidelity``).
     """
     os.makedirs(model_dir, exist_ok=True)
     manifest = records.read_manifest(data_dir)
@@ -297,6 +301,11 @@ def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
                                 restore_from=os.path.join(model_dir, "checkpoints"))
         ckpt.attach(model)
         start_epoch = ckpt.restore()
+    if fixed_strategy is not None:
+        fixed = tpl.TemplateGates(model)
+        fixed.set_strategy(fixed_strategy)
+        gates_lib.set_inference_mode(fixed.s + fixed.t, "mask")
+        cfg = dataclasses.replace(cfg, warmup_epochs=cfg.epochs)  # gates never switch on
     if start_epoch:
         log(f"resuming from epoch {start_epoch} (step {int(model.optimizer.iterations.numpy())})")
     positions = tpl.template_positions(template_cfg)

@@ -58,3 +58,13 @@ def test_mode_all_then_resume(tmp_path):
     out = _main(tmp_path, "--mode=train", "--epochs=3")
     assert "[train]" in out
     assert json.loads((run / "train_summary.json").read_text())["steps"] == 9
+    # Fidelity: 3 ranked strategies trained stand-alone, rank correlation reported; re-running
+    # resumes from fidelity.jsonl without training again.
+    out = _main(tmp_path, "--mode=fidelity", "--fidelity_strategies=3", "--epochs=1")
+    assert "[fidelity]" in out and "Kendall tau" in out
+    fid = json.loads((run / "analysis/fidelity.json").read_text())
+    assert fid["num_strategies"] == 3 and all(r["steps"] == 3 for r in fid["strategies"])
+    assert -1.0 <= fid["spearman_rho"] <= 1.0 or fid["spearman_rho"] != fid["spearman_rho"]
+    mtimes = {p: p.stat().st_mtime for p in (run / "fidelity").glob("*/template.keras")}
+    _main(tmp_path, "--mode=fidelity", "--fidelity_strategies=3", "--epochs=1")
+    assert {p: p.stat().st_mtime for p in (run / "fidelity").glob("*/template.keras")} == mtimes
