@@ -5,7 +5,10 @@ Something-Something V1/V2, UCF101 or a folder of videos from ``--source_dir``),
 ``data_service`` (run a tf.data service dispatcher and workers), ``train`` (warm-up
 then v-DropPath training of the template), ``analyze`` (marginals, strategy
 ranking, Opt, report), ``export`` (SavedModels), ``all`` (the four in order) and
-``summary`` (build a template preset and print its parameter count).  This is
+``generalize`` (train 3D backbones with fusion strategies taken from the template,
+the paper's rules and uniform units, and tabulate them as the paper's Table 6),
+``fidelity`` (train ranked strategies stand-alone to check the ranking) and
+``summary`` (build a template preset or backbones and print parameter counts).  This is
 the only module that reads absl flags; everything it calls takes plain
 arguments or frozen dataclasses.
 """
@@ -19,7 +22,8 @@ import time
 
 from absl import app, flags, logging
 
-MODES = ("prepare", "train", "analyze", "export", "all", "fidelity", "summary", "data_service")
+MODES = ("prepare", "train", "analyze", "export", "generalize", "all", "fidelity", "summary",
+         "data_service")
 SYNTHETIC = ("synthetic_motion", "synthetic_appearance")
 REAL = ("kinetics400", "ssv1", "ssv2", "ucf101", "folder")
 DATASETS = SYNTHETIC + REAL
@@ -55,7 +59,11 @@ flags.DEFINE_integer("synthetic_size", 40, "Frame side of synthetic clips (pixel
 flags.DEFINE_integer("data_seed", 0, "Seed of the synthetic data.")
 # Input pipeline.
 flags.DEFINE_integer("num_frames", 8, "Frames per clip fed to the network.", lower_bound=1)
-flags.DEFINE_integer("frame_stride", 1, "Stride between sampled frames.", lower_bound=1)
+flags.DEFINE_integer("frame_stride", 1, "Stride between sampled frames (dense sampling).",
+                     lower_bound=1)
+flags.DEFINE_enum("sampling", "dense", ["dense", "segments"], "Frame sampling: dense consecutive "
+                  "frames with --frame_stride, or TSN-style segments (one frame from each of "
+                  "--num_frames equal segments of the video).")
 flags.DEFINE_integer("crop_size", 32, "Spatial crop.", lower_bound=8)
 flags.DEFINE_integer("min_short_side", 36, "Training scale jitter: smallest short side.")
 flags.DEFINE_integer("max_short_side", 44, "Training scale jitter: largest short side.")
@@ -105,13 +113,29 @@ flags.DEFINE_integer("recalibrate_batches", 0, "Also rank with BatchNorm statist
 flags.DEFINE_string("report_split", "test", "Split on which Opt and uniform strategies are reported.")
 flags.DEFINE_integer("fidelity_strategies", 5, "--mode=fidelity: strategies trained stand-alone.",
                      lower_bound=2)
+# Backbones (--mode=generalize, --mode=summary).
+flags.DEFINE_list("backbones", [], "3D backbones for --mode=generalize (also run by --mode=all "
+                  "when set) and --mode=summary: resnet50, resnext50, resnext101, mobilenetv2, "
+                  "densenet121, or the *_tiny versions.")
+flags.DEFINE_list("backbone_strategies", ["opt", "S+ST", "S", "ST"], "Fusion strategies per "
+                  "backbone: opt (from the template's analysis), paper (the paper's hand rule), "
+                  "S, ST, S+ST, a unit list per stage or position, or a FusionStrategy JSON path.")
+flags.DEFINE_enum("fusion_family", "auto", ["auto", "ss", "k400", "ucf"], "Dataset family of "
+                  "the paper's hand rules (auto: from --dataset).")
+flags.DEFINE_integer("generalize_epochs", 0, "Epochs of each --mode=generalize network (0: "
+                     "--epochs); every backbone and strategy gets the same budget.", lower_bound=0)
+flags.DEFINE_integer("backbone_temporal_stride", 1, "Temporal stride of the backbones' stem "
+                     "(2 in the authors' Kinetics/UCF networks).", lower_bound=1)
+flags.DEFINE_string("inflate_weights", None, "Local weights file of the keras.applications 2D "
+                    "network (ResNet50, MobileNetV2, DenseNet121) to inflate into each backbone "
+                    "before training; nothing is downloaded.")
 # Export.
 flags.DEFINE_string("strategy", "opt", "Classifier to export: 'opt' (the analysis' best sampled "
                     "strategy), 'S', 'ST', 'S+ST', or a FusionStrategy JSON path.")
 
 
 def _validate():
-    if FLAGS.warmup_epochs > FLAGS.epochs:
+    if FLAGS.warmup_epochs > FLAGS.epochs and FLAGS.mode in ("train", "all"):
         raise app.UsageError(f"--warmup_epochs={FLAGS.warmup_epochs} exceeds --epochs={FLAGS.epochs}")
     if not 0.0 < FLAGS.init_drop_rate < 1.0:
         raise app.UsageError(f"--init_drop_rate must be in (0, 1), got {FLAGS.init_drop_rate}")
@@ -148,7 +172,8 @@ def _input_cfg():
                        crop_size=FLAGS.crop_size, min_short_side=FLAGS.min_short_side,
                        max_short_side=FLAGS.max_short_side, eval_short_side=FLAGS.eval_short_side,
                        flip=FLAGS.flip, num_clips=FLAGS.num_clips, num_crops=int(FLAGS.num_crops),
-                       temporal_pool=FLAGS.temporal_pool, batch_size=FLAGS.batch_size)
+                       temporal_pool=FLAGS.temporal_pool, sampling=FLAGS.sampling,
+                       batch_size=FLAGS.batch_size)
 
 
 def _template_cfg():
@@ -251,8 +276,8 @@ def run_fidelity(data_dir, model_dir):
         rep = fidelity.run(model_dir, positions, FLAGS.fidelity_strategies, train_one)
     except FileNotFoundError as e:
         raise app.UsageError(str(e)) from None
-    print(f"[fidelity] {model_dir}/analysis/fidelity.md; Kendall tau {rep['kendall_tau']:.3f}, "
-          f"Spearman rho {rep['spearman_rho']:.3f} over {rep['num_strategies']} strategies")
+    print(f"[fidelity] {model_dir}/analysis/fidelity.md over {rep['num_strategies']} strategies: "
+          f"{rep['verdict']}")
 
 
 def _export_strategy(model_dir, positions):
@@ -284,27 +309,92 @@ def run_export(data_dir, model_dir, export_dir):
     print(f"[export] {p1}\n[export] {p2}")
 
 
+def _family():
+    from stfusion_tf.model import fusion_rules
+    if FLAGS.fusion_family != "auto":
+        return FLAGS.fusion_family
+    return fusion_rules.DATASET_FAMILY[FLAGS.dataset]
+
+
+def _backbone_overrides():
+    return {"num_frames": _input_cfg().model_frames, "crop_size": FLAGS.crop_size,
+            "temporal_stride": FLAGS.backbone_temporal_stride}
+
+
+def _check_backbones():
+    from stfusion_tf.model import backbones
+    bad = [b for b in FLAGS.backbones if b not in backbones.PRESETS]
+    if bad:
+        raise app.UsageError(f"--backbones: unknown {', '.join(bad)}; valid backbones: "
+                             f"{', '.join(backbones.PRESETS)}")
+
+
+def run_generalize(data_dir, model_dir):
+    from stfusion_tf import training
+    from stfusion_tf.analysis import generalization
+    from stfusion_tf.model import backbones, inflation
+    if not FLAGS.backbones:
+        raise app.UsageError("--mode=generalize needs --backbones; valid backbones: "
+                             f"{', '.join(backbones.PRESETS)}")
+    try:
+        runs = generalization.plan(FLAGS.backbones, FLAGS.backbone_strategies, _family(),
+                                   os.path.join(model_dir, "analysis"), **_backbone_overrides())
+    except (ValueError, FileNotFoundError) as e:
+        raise app.UsageError(f"--backbone_strategies: {e}") from None
+
+    import dataclasses
+    epochs = FLAGS.generalize_epochs or FLAGS.epochs
+    train_cfg = dataclasses.replace(_train_cfg(), epochs=epochs, warmup_epochs=0,
+                                    lr_steps=tuple(e for e in _train_cfg().lr_steps if e < epochs))
+
+    def train_one(cfg, strategy, run_dir):
+        def model_fn(num_classes, sync):
+            model = backbones.build_backbone(cfg, strategy, num_classes, synchronized_bn=sync)
+            if FLAGS.inflate_weights:
+                inflation.inflate_from_keras(model, cfg, FLAGS.inflate_weights)
+            return model
+        summary = training.train(run_dir, data_dir, _template_cfg(), _gate_cfg(), _input_cfg(),
+                                 train_cfg, distribution=FLAGS.distribution, tpu=FLAGS.tpu,
+                                 data_service=FLAGS.data_service, eval_split=FLAGS.report_split,
+                                 verbose=FLAGS.verbose, model_fn=model_fn, model_file="model.keras")
+        return summary, summary["params_trainable"]
+
+    table = generalization.run(model_dir, runs, train_one, log=logging.info)
+    print(f"[generalize] {model_dir}/analysis/generalization.md: {len(table['results'])} networks")
+
+
 def run_summary():
     import dataclasses
     import numpy as np
-    from stfusion_tf.model import template
+    from stfusion_tf.model import backbones, template
     cfg = dataclasses.replace(_template_cfg(), num_frames=_input_cfg().model_frames,
                               crop_size=FLAGS.crop_size)
     model = template.build_template(cfg, FLAGS.num_classes, _gate_cfg())
     trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
     total = model.count_params()
     kernels = int(sum(np.prod(v.shape) for v in model.weights if v.path.endswith("kernel")))
-    print(json.dumps({"preset": FLAGS.preset, "input": list(model.input_shape[1:]),
-                      "num_classes": FLAGS.num_classes,
-                      "positions": len(template.template_positions(cfg)),
-                      "params_total": total, "params_trainable": trainable,
-                      "params_conv_fc_kernels": kernels}, indent=1))
+    out = {"preset": FLAGS.preset, "input": list(model.input_shape[1:]),
+           "num_classes": FLAGS.num_classes, "positions": len(template.template_positions(cfg)),
+           "params_total": total, "params_trainable": trainable,
+           "params_conv_fc_kernels": kernels, "backbones": []}
+    for name in FLAGS.backbones:
+        bcfg = backbones.preset(name, **_backbone_overrides())
+        pos = backbones.positions(bcfg)
+        row = {"backbone": name, "input": [bcfg.num_frames, bcfg.crop_size, bcfg.crop_size, 3],
+               "positions": len(pos)}
+        for unit in ("S", "ST", "S+ST"):
+            net = backbones.build_backbone(bcfg, backbones.FusionStrategy.uniform(pos, unit),
+                                           FLAGS.num_classes)
+            row[f"params_{unit}"] = backbones.count_params(net)["params_trainable"]
+        out["backbones"].append(row)
+    print(json.dumps(out, indent=1))
 
 
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     _validate()
+    _check_backbones()
     data_dir, model_dir, export_dir = _paths()
     mode = FLAGS.mode
     if mode == "summary":
@@ -328,6 +418,8 @@ def main(argv):
         run_analyze(data_dir, model_dir)
     if mode in ("export", "all"):
         run_export(data_dir, model_dir, export_dir)
+    if mode == "generalize" or (mode == "all" and FLAGS.backbones):
+        run_generalize(data_dir, model_dir)
     if mode == "fidelity":
         run_fidelity(data_dir, model_dir)
     return 0

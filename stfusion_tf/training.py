@@ -89,17 +89,20 @@ class InputHealth(keras.callbacks.Callback):
         super().__init__()
         self.stats, self.log = stats, log
         self.writer = tf.summary.create_file_writer(log_dir)
-        self.reported = 0
+        self.reported = (0, 0)
 
     def on_epoch_end(self, epoch, logs=None):
-        dropped = self.stats.dropped
+        counts = (self.stats.dropped, self.stats.lost_records)
         if logs is not None:
-            logs["input_dropped_clips"] = float(dropped)
+            logs["input_dropped_clips"] = float(counts[0])
+            logs["input_lost_records"] = float(counts[1])
         with self.writer.as_default(step=epoch):
-            tf.summary.scalar("input/dropped_clips", dropped)
-        if dropped > self.reported:
-            self.log(f"[input] {dropped} corrupt clip(s) dropped so far (see tf.data warnings)")
-            self.reported = dropped
+            tf.summary.scalar("input/dropped_clips", counts[0])
+            tf.summary.scalar("input/lost_records", counts[1])
+        if counts != self.reported:
+            self.log(f"[input] so far {counts[0]} clip(s) dropped for corrupt frames, "
+                     f"{counts[1]} record(s) lost to corrupt records (see tf.data warnings)")
+            self.reported = counts
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
@@ -158,8 +161,6 @@ class FusionSummaries(keras.callbacks.Callback):
             logs["regularizer"] = float(sum(float(x.regularization()) for x in gl))
         else:
             logs["regularizer"] = 0.0
-        g = tpl.TemplateGates(self.model, self.positions)
-        rates = g.drop_rates()
         opt = self.model.optimizer
         lr = opt.learning_rate
         lr = float(lr(opt.iterations)) if callable(lr) else float(np.asarray(lr))
@@ -169,6 +170,10 @@ class FusionSummaries(keras.callbacks.Callback):
             tf.summary.scalar("loss/regularizer", logs["regularizer"])
             if "cross_entropy" in logs:
                 tf.summary.scalar("loss/cross_entropy", logs["cross_entropy"])
+            if not gl:  # a backbone: no drop rates to show
+                self.writer.flush()
+                return
+            rates = tpl.TemplateGates(self.model, self.positions).drop_rates()
             tf.summary.histogram("drop_rate/S_branch", rates[:, 0])
             tf.summary.histogram("drop_rate/T_branch", rates[:, 1])
             png = marg.plot(self.positions, rates, title=f"marginals, epoch {epoch + 1}")
@@ -266,7 +271,8 @@ def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
           gate_cfg: tpl.GateConfig, input_cfg: pipeline.InputConfig, cfg: TrainConfig,
           distribution: str = "default", tpu: str = "", train_split: str = "train",
           eval_split: str | None = "val", verbose: int = 1, log=print,
-          data_service: str | None = None, fixed_strategy=None) -> dict:
+          data_service: str | None = None, fixed_strategy=None, model_fn=None,
+          model_file: str = MODEL_FILE) -> dict:
     """Trains (or resumes) the template in ``model_dir``; returns a summary dict.
 
     ``input_cfg.batch_size`` is the global batch: Keras splits it across replicas,
@@ -276,6 +282,11 @@ def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
     ``fixed_strategy`` (a FusionStrategy) trains that one sub-network stand-alone:
     its masks hold in training and inference and the gates stay off (cross-entropy
     only), e.g. to check inherited-weight rankings (``--mode=fidelity``).
+
+    ``model_fn(num_classes, synchronized_bn) -> keras.Model`` trains another
+    network (a backbone, ``--mode=generalize``) in place of the template, with
+    the same recipe, input pipeline, checkpoints and evaluation; it is saved
+    as ``model_file``.
     """
     os.makedirs(model_dir, exist_ok=True)
     manifest = records.read_manifest(data_dir)
@@ -289,8 +300,12 @@ def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
                                        crop_size=input_cfg.crop_size)
     keras.utils.set_random_seed(cfg.seed)
     with strategy.scope():
-        model = tpl.build_template(template_cfg, manifest["num_classes"], gate_cfg,
-                                   synchronized_bn=strategy.num_replicas_in_sync > 1)
+        sync = strategy.num_replicas_in_sync > 1
+        if model_fn is not None:
+            model = model_fn(manifest["num_classes"], sync)
+        else:
+            model = tpl.build_template(template_cfg, manifest["num_classes"], gate_cfg,
+                                       synchronized_bn=sync)
         model.compile(
             optimizer=_optimizer(cfg, steps),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -308,7 +323,7 @@ def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
         cfg = dataclasses.replace(cfg, warmup_epochs=cfg.epochs)  # gates never switch on
     if start_epoch:
         log(f"resuming from epoch {start_epoch} (step {int(model.optimizer.iterations.numpy())})")
-    positions = tpl.template_positions(template_cfg)
+    positions = tpl.template_positions(template_cfg) if model_fn is None else None
     # Counting needs variables inside the input pipeline, which tf.distribute's dataset
     # rewriting and tf.data service cannot carry: count on single-replica local runs.
     stats = None if (data_service or strategy.num_replicas_in_sync > 1) else pipeline.InputStats()
@@ -336,19 +351,25 @@ def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
     summary = {"epochs": cfg.epochs, "steps": int(model.optimizer.iterations.numpy()),
                "replicas": strategy.num_replicas_in_sync, "chief": chief,
                "steps_per_epoch": steps, "dataset_size": n_train, "history": history,
-               "drop_rates": tpl.TemplateGates(model, positions).drop_rates().tolist(),
-               "positions": list(positions)}
+               "params_trainable": int(sum(np.prod(v.shape) for v in model.trainable_weights))}
+    if positions is not None:
+        summary["drop_rates"] = tpl.TemplateGates(model, positions).drop_rates().tolist()
+        summary["positions"] = list(positions)
     if not chief:
         import shutil
         shutil.rmtree(write_dir, ignore_errors=True)
         return summary
-    save_model_atomic(model, os.path.join(model_dir, MODEL_FILE))
+    save_model_atomic(model, os.path.join(model_dir, model_file))
     if eval_split:
         views = manifest["splits"][eval_split]["num_clips"] * input_cfg.num_clips * input_cfg.num_crops
         summary["eval"] = {eval_split: evaluation.evaluate(
             model, pipeline.eval_dataset(data_dir, eval_split, input_cfg), views,
             progress_stream=sys.stderr if verbose else None)}
         log(f"{eval_split}: {json.dumps(summary['eval'][eval_split])}")
+        expected = manifest["splits"][eval_split]["num_clips"]
+        if summary["eval"][eval_split]["num_videos"] < expected:
+            log(f"[input] {eval_split}: {expected - summary['eval'][eval_split]['num_videos']} of "
+                f"{expected} videos could not be read (corrupt) and were not scored")
     records.write_json_atomic(os.path.join(model_dir, "train_summary.json"), summary)
     return summary
 

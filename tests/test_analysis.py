@@ -58,28 +58,17 @@ def scorer(motion_dir):
 
 
 def test_mask_scoring_equals_the_fixed_strategy_network(scorer, motion_dir):
-    """Scoring through masks == the same weights with dropped branches removed."""
-    import tensorflow as tf
+    """Scoring through masks == the DenseNet-3D built with that strategy and the same weights."""
     from stfusion_tf import evaluation
-    from stfusion_tf.model import gates as G
     gates = scorer.gates
     st = ranking.sample_strategies(gates.positions, gates.drop_rates(), 1, seed=11)[0]
+    if "none" in st.units:  # a gate-free network cannot express "none"
+        st = FusionStrategy(st.positions, tuple("S+ST" if u == "none" else u for u in st.units))
     via_mask = scorer.score(st)
-    saved = [np.asarray(v) for v in scorer.model.weights]
-    try:
-        gates.set_mask(np.ones((len(gates.positions), 2)))
-        keep = st.to_mask()
-        for i in range(len(gates.positions)):
-            for j, g in enumerate((gates.s[i], gates.t[i])):
-                if keep[i, j] == 0:
-                    g.layer.kernel.assign(tf.zeros_like(g.layer.kernel))
-        G.set_inference_mode(gates.s + gates.t, "identity")
-        fixed = evaluation.evaluate(scorer.model, pipeline.eval_dataset(
-            motion_dir, "val", pipeline.InputConfig(batch_size=8)))
-    finally:
-        for v, w in zip(scorer.model.weights, saved):
-            v.assign(w)
-        G.set_inference_mode(gates.s + gates.t, "mask")
+    fixed_model = T.build_template(T.preset("tiny"), 4, strategy=st)
+    T.transfer_template_weights(scorer.model, fixed_model)
+    fixed = evaluation.evaluate(fixed_model, pipeline.eval_dataset(
+        motion_dir, "val", pipeline.InputConfig(batch_size=8)))
     assert via_mask["video_top1"] == fixed["video_top1"]
     assert via_mask["clip_top1"] == fixed["clip_top1"]
 
@@ -145,7 +134,50 @@ def test_bn_recalibration_re_estimates_statistics_and_restores_them(motion_dir):
     # With one batch, the de-biased moving mean is exactly that batch's mean of the stem
     # convolution's output.
     x = recal_scorer.recal_batches[0]
-    stem = model.get_layer("stem_conv")(model.get_layer("input_norm")(x))
+    stem = model.get_layer("stem_conv")(model.get_layer("stem_pad")(model.get_layer("input_norm")(x)))
     np.testing.assert_allclose(captured["mean"], tf.reduce_mean(stem, axis=[0, 1, 2, 3]).numpy(),
                                rtol=1e-3, atol=1e-5)
     assert plain.score(st)["num_videos"] == 16
+
+
+def test_fidelity_rank_correlation_and_its_undefined_case(tmp_path):
+    from stfusion_tf.analysis import fidelity
+    pos = ("B1.L1", "T1")
+    (tmp_path / "analysis").mkdir()
+    rows = [{"index": i, "key": k, "code": k, "units": u, "video_top1": a, "clip_top1": a}
+            for i, (k, u, a) in enumerate([("SF", ["S", "S+ST"], 0.9), ("TF", ["ST", "S+ST"], 0.6),
+                                           ("FF", ["S+ST", "S+ST"], 0.3)])]
+    (tmp_path / "analysis/ranking.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def train(acc):
+        def fn(strategy, run_dir):
+            return {"steps": 1, "eval": {"val": {"video_top1": acc[strategy.key()], "clip_top1": 0.0}}}
+        return fn
+
+    rep = fidelity.run(str(tmp_path), pos, 3, train({"SF": 0.8, "TF": 0.5, "FF": 0.2}), log=lambda *a: None)
+    assert rep["kendall_tau"] == pytest.approx(1.0) and rep["spearman_rho"] == pytest.approx(1.0)
+    (tmp_path / "analysis/fidelity.jsonl").unlink()
+    rep = fidelity.run(str(tmp_path), pos, 3, train({"SF": 1.0, "TF": 1.0, "FF": 1.0}), log=lambda *a: None)
+    assert rep["kendall_tau"] is None and "undefined" in rep["verdict"]
+    assert "do not separate them" in (tmp_path / "analysis/fidelity.md").read_text()
+
+
+def test_generalization_trains_each_network_once_and_resumes(tmp_path):
+    from stfusion_tf.analysis import generalization as GZ
+    runs = GZ.plan(["resnet_tiny"], ["S+ST", "S+ST,S+ST,S+ST,S+ST", "S"], "ss", str(tmp_path))
+    calls = []
+
+    def train(cfg, st, run_dir):
+        calls.append(st.code())
+        acc = 0.9 if st.units[0] == "S+ST" else 0.4
+        return {"steps": 1, "eval": {"test": {"clip_top1": acc, "video_top1": acc,
+                                              "num_videos": 8}}}, 1000
+
+    table = GZ.run(str(tmp_path), runs, train, log=lambda *a: None)
+    assert calls == ["F|F|F|F", "S|S|S|S"]  # the per-stage spec is the same network as S+ST
+    assert table["results"][1]["same_as"] == "S+ST" and table["results"][1]["video_top1"] == 0.9
+    md = (tmp_path / "analysis/generalization.md").read_text()
+    assert "| resnet_tiny | 90.0 (90.0) | 90.0 (90.0) = S+ST | 40.0 (40.0) |" in md
+    calls.clear()
+    assert GZ.run(str(tmp_path), runs, train, log=lambda *a: None)["results"] == table["results"]
+    assert calls == []

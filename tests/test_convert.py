@@ -44,6 +44,7 @@ def test_folder_of_mp4_webm_avi_with_bad_inputs(tmp_path):
     # The truncated mp4 either yields its first frames or is skipped, never crashes the run.
     n_ok = 4 + ("truncated.mp4" not in reasons)
     assert len(clips) == m["splits"]["train"]["num_clips"] == n_ok
+    assert sum(m["splits"]["train"]["shard_clips"]) == n_ok  # skipped inputs are not counted
     assert m["num_skipped"] == len(m["skipped"]) == 7 - n_ok + 1
     by_id = {c[2].numpy().decode(): c for c in clips}
     enc, label, _ = by_id["run/c"]

@@ -204,3 +204,43 @@ def test_corrupt_frames_are_dropped_and_counted(tmp_path):
     n = sum(1 for _ in pipeline.train_dataset(str(tmp_path), "train", cfg, repeat=False, stats=stats))
     assert n == 9
     assert stats.dropped == 3 and int(stats.attempted.numpy()) == 12
+
+
+def test_corrupt_records_are_counted_and_do_not_stop_reading(tmp_path):
+    spec = synthetic.SyntheticSpec(num_train=12, num_val=4, num_test=2, clips_per_shard=6)
+    synthetic.prepare_synthetic(str(tmp_path), spec, log=lambda *a: None)
+    assert records.shard_clip_counts(str(tmp_path), "train") == [6, 6]
+    # Flip a byte inside the 3rd record of shard 0: a CRC error that ends the shard's read.
+    for split in ("train", "val"):
+        path = tmp_path / records.shard_name(split, 0, 2 if split == "train" else 1)
+        recs = [r.numpy() for r in tf.data.TFRecordDataset(str(path))]
+        data = bytearray(path.read_bytes())
+        offset = sum(len(r) + 16 for r in recs[:2]) + 12 + 40
+        data[offset] ^= 0xFF
+        path.write_bytes(bytes(data))
+    stats = pipeline.InputStats()
+    cfg = pipeline.InputConfig(batch_size=1)
+    ds = pipeline.train_dataset(str(tmp_path), "train", cfg, repeat=False, stats=stats)
+    assert sum(1 for _ in ds) == 8  # 2 readable records of shard 0 + all 6 of shard 1
+    assert stats.lost_records == 4 and stats.dropped == 0
+    # A second pass counts again (per pass, per shard).
+    assert sum(1 for _ in ds) == 8 and stats.lost_records == 8
+    # Evaluation goes on with what it can read.
+    vids = {int(v) for _, _, v in pipeline.eval_dataset(str(tmp_path), "val", cfg).unbatch()}
+    assert len(vids) == 2
+
+
+def test_segment_sampling_takes_one_frame_per_segment(motion_dir):
+    enc = tf.strings.as_string(tf.range(20))
+    cfg = pipeline.InputConfig(num_frames=4, sampling="segments", num_clips=2)
+    idx = [int(x) for x in pipeline.sample_frames(enc, cfg, training=True).numpy()]
+    assert [i // 5 for i in idx] == [0, 1, 2, 3]
+    ev = [int(x) for x in pipeline.sample_frames(enc, cfg, training=False).numpy()]
+    assert ev == [1, 6, 11, 16, 3, 8, 13, 18]  # offsets 0.25 and 0.75 of each segment
+    short = pipeline.sample_frames(tf.strings.as_string(tf.range(3)), cfg, training=False)
+    assert short.shape == (8,)
+    with pytest.raises(ValueError, match="valid values: dense, segments"):
+        pipeline.InputConfig(sampling="tsn")
+    x, _ = next(iter(pipeline.train_dataset(motion_dir, "train",
+                                            pipeline.InputConfig(batch_size=2, sampling="segments"))))
+    assert x.shape == (2, 8, 32, 32, 3)

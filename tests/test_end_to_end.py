@@ -11,7 +11,7 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--synthetic_train=32", "--synthetic_val=8", "--synthetic_test=8", "--synthetic_frames=10",
         "--batch_size=4", "--steps_per_epoch=3", "--warmup_epochs=1", "--num_samples=6",
-        "--recalibrate_batches=2", "--verbose=0"]
+        "--recalibrate_batches=2", "--backbones=", "--generalize_epochs=1", "--verbose=0"]
 
 
 def _main(tmp_path, *args):
@@ -61,10 +61,26 @@ def test_mode_all_then_resume(tmp_path):
     # Fidelity: 3 ranked strategies trained stand-alone, rank correlation reported; re-running
     # resumes from fidelity.jsonl without training again.
     out = _main(tmp_path, "--mode=fidelity", "--fidelity_strategies=3", "--epochs=1")
-    assert "[fidelity]" in out and "Kendall tau" in out
+    assert "[fidelity]" in out and ("Kendall" in out or "undefined" in out)
     fid = json.loads((run / "analysis/fidelity.json").read_text())
     assert fid["num_strategies"] == 3 and all(r["steps"] == 3 for r in fid["strategies"])
-    assert -1.0 <= fid["spearman_rho"] <= 1.0 or fid["spearman_rho"] != fid["spearman_rho"]
+    assert fid["spearman_rho"] is None or -1.0 <= fid["spearman_rho"] <= 1.0
     mtimes = {p: p.stat().st_mtime for p in (run / "fidelity").glob("*/template.keras")}
     _main(tmp_path, "--mode=fidelity", "--fidelity_strategies=3", "--epochs=1")
     assert {p: p.stat().st_mtime for p in (run / "fidelity").glob("*/template.keras")} == mtimes
+
+    # Generalisation (Table 6): small backbones x strategies, trained stand-alone, tabulated;
+    # DenseNet takes the template's Opt itself, ResNet its marginals by relative depth.
+    out = _main(tmp_path, "--mode=generalize", "--backbones=resnet_tiny,densenet_tiny",
+                "--backbone_strategies=opt,S,ST", "--epochs=1")
+    assert "[generalize]" in out
+    table = json.loads((run / "analysis/generalization.json").read_text())
+    assert table["backbones"] == ["resnet_tiny", "densenet_tiny"]
+    assert len(table["results"]) == 6 and all(r["steps"] == 3 for r in table["results"])
+    opt = json.loads((run / "analysis/opt_strategy.json").read_text())
+    dense_opt = next(r for r in table["results"] if r["backbone"] == "densenet_tiny" and r["spec"] == "opt")
+    if "none" not in opt["units"]:
+        assert dense_opt["code"] == opt["code"]
+    md = (run / "analysis/generalization.md").read_text()
+    assert "| resnet_tiny |" in md and "| Opt | S | ST |" in md
+    assert "generalization" in _tags(str(run / "tensorboard" / "generalize"))

@@ -22,7 +22,7 @@ def test_bad_mode_names_valid_values():
 
 
 def test_inconsistent_flags_are_usage_errors():
-    r = _run("--mode=summary", "--epochs=2", "--warmup_epochs=5")
+    r = _run("--mode=train", "--epochs=2", "--warmup_epochs=5")
     assert r.returncode != 0 and "Traceback" not in r.stderr
     assert "--warmup_epochs=5 exceeds --epochs=2" in r.stderr
 
@@ -46,3 +46,21 @@ def test_every_config_parses_and_its_network_builds():
             assert out["input"] == [8, 32, 32, 3] and out["positions"] == 11
         else:
             assert out["input"] == [16, 224, 224, 3] and out["positions"] == 61, name
+
+
+def test_summary_of_backbones_and_bad_backbone_names():
+    r = _run("--flagfile=configs/ssv1.flags", "--mode=summary", "--backbones=resnet50,mobilenetv2",
+             "--num_classes=1000")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = {b["backbone"]: b for b in json.loads(r.stdout)["backbones"]}
+    assert rows["resnet50"]["input"] == [16, 224, 224, 3] and rows["resnet50"]["positions"] == 16
+    # 3D ResNet50: 2D's 25.56M + the stem's 5x7x7 kernel; ST / S+ST add 3x1x1 kernels.
+    assert 25.5e6 < rows["resnet50"]["params_S"] < rows["resnet50"]["params_ST"] \
+        < rows["resnet50"]["params_S+ST"]
+    assert rows["mobilenetv2"]["positions"] == 17
+    r = _run("--mode=generalize", "--backbones=resnet50,vgg16")
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "unknown vgg16" in r.stderr and "resnext101" in r.stderr
+    r = _run("--mode=generalize", "--backbones=resnet_tiny", "--backbone_strategies=spatial",
+             "--model_dir=/nonexistent")
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "valid specs" in r.stderr

@@ -30,3 +30,8 @@ def test_bad_unit_names_valid_values():
         FusionStrategy(POS, ("S", "S", "S"))
     with pytest.raises(ValueError, match="only 0 and 1"):
         FusionStrategy.from_mask(POS, np.full((4, 2), 0.5))
+
+
+def test_codes_group_backbone_stages():
+    st = FusionStrategy(("C2.B1", "C2.B2", "C3.B1", "C4.B1"), ("S+ST", "ST", "S", "S+ST"))
+    assert st.code() == "FT|S|F"

@@ -71,15 +71,25 @@ def run(model_dir: str, positions, k: int, train_fn, log=print) -> dict:
             results.append(row)
     a = [r["inherited_video_top1"] for r in results]
     b = [r["standalone_video_top1"] for r in results]
-    tau = float(stats.kendalltau(a, b).statistic) if len(results) > 1 else float("nan")
-    rho = float(stats.spearmanr(a, b).statistic) if len(results) > 1 else float("nan")
+    tau = rho = None  # undefined when either side has no spread (JSON null)
+    if len(results) > 1 and len(set(a)) > 1 and len(set(b)) > 1:
+        tau = float(stats.kendalltau(a, b).statistic)
+        rho = float(stats.spearmanr(a, b).statistic)
+    if tau is not None:
+        verdict = (f"Kendall τ = {tau:.3f}, Spearman ρ = {rho:.3f} (1: the inherited ranking "
+                   "orders them exactly as training them would).")
+    elif len(set(b)) <= 1:
+        verdict = (f"Rank correlation undefined: every strategy reached the same stand-alone "
+                   f"accuracy ({100 * b[0]:.1f}%), so this task and budget do not separate them; "
+                   "use a harder dataset or a smaller budget to test the ranking.")
+    else:
+        verdict = "Rank correlation undefined: the inherited-weight accuracies are all equal."
     report = {"num_strategies": len(results), "kendall_tau": tau, "spearman_rho": rho,
-              "strategies": results}
+              "verdict": verdict, "strategies": results}
     records.write_json_atomic(os.path.join(out, "fidelity.json"), report)
     lines = ["# Ranking fidelity: inherited weights vs stand-alone training", "",
              f"{len(results)} strategies spread over the inherited-weight ranking, each trained "
-             f"stand-alone with the template's budget. Kendall τ = {tau:.3f}, Spearman ρ = {rho:.3f} "
-             "(1: the inherited ranking orders them exactly as training them would).", "",
+             f"stand-alone with the template's budget. {verdict}", "",
              "| sample | inherited video top-1 | stand-alone video top-1 | code |", "|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['index']} | {100 * r['inherited_video_top1']:.1f} | "

@@ -296,7 +296,7 @@ def convert(listing: Listing, out_dir: str, name: str, short_side: int = 256,
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         for split, items in sorted(by_split.items()):
             n_shards = max(1, -(-len(items) // clips_per_shard))
-            shards, labels, nframes = [], [], []
+            shards, labels, nframes, shard_clips = [], [], [], []
             prog = Progress(len(items), f"{name}/{split}", progress_stream)
             for s in range(n_shards):
                 fname = records.shard_name(split, s, n_shards)
@@ -312,9 +312,10 @@ def convert(listing: Listing, out_dir: str, name: str, short_side: int = 256,
                     side = _write_shard(pool, chunk, path, listing.label_map, short_side, quality,
                                         max_frames, prog)
                 labels.extend(side["labels"])
+                shard_clips.append(len(side["labels"]))
                 nframes.extend(side["num_frames"])
                 builder.skipped.extend(side["skipped"])
-            builder.add_split(split, shards, labels, nframes)
+            builder.add_split(split, shards, labels, nframes, shard_clips)
     manifest = builder.write(out_dir)
     total = sum(len(v) for v in by_split.values()) + len(listing.skipped)
     log(f"[prepare] {out_dir}: {sum(s['num_clips'] for s in manifest['splits'].values())} clips "

@@ -3,7 +3,10 @@
 Frame sampling, JPEG decoding, resizing, cropping and flipping use Model
 Garden's ``official.vision.ops.preprocess_ops_3d`` so that the clip
 preprocessing matches the reference video pipeline; only the sampled frames are
-decoded.  Training: dense consecutive frames with a stride from a random start,
+decoded.  Frames are sampled densely (``sampling="dense"``: consecutive frames
+with a stride) or TSN-style (``"segments"``: the video cut into ``num_frames``
+equal segments, one frame from each, at random in training and at the segment
+centre in evaluation).  Training: frames from a random start (dense),
 short side resized to a random size in [min_short_side, max_short_side], random
 crop (decoding only the crop window), optional flip.  Clips leave the pipeline as
 uint8 pixels: the network casts and normalises them.  Evaluation: ``num_clips`` evenly spaced clips per video,
@@ -22,6 +25,9 @@ from stfusion_tf.data import records
 
 
 
+SAMPLINGS = ("dense", "segments")
+
+
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
     """How clips are sampled and augmented."""
@@ -36,11 +42,14 @@ class InputConfig:
     num_clips: int = 1
     num_crops: int = 1
     temporal_pool: bool = False
+    sampling: str = "dense"
     batch_size: int = 8
     shuffle_buffer: int = 256
     seed: int | None = None
 
     def __post_init__(self):
+        if self.sampling not in SAMPLINGS:
+            raise ValueError(f"sampling={self.sampling!r}; valid values: {', '.join(SAMPLINGS)}")
         if self.num_crops not in (1, 3):
             raise ValueError(f"num_crops={self.num_crops}; valid values: 1, 3")
         if self.min_short_side > self.max_short_side:
@@ -57,20 +66,36 @@ class InputConfig:
 
 
 class InputStats:
-    """Counts clips the training pipeline tried to decode and clips it decoded.
+    """Counts what the training pipeline drops as corrupt.
 
-    A corrupt frame makes its clip fail; ``ignore_errors`` drops the clip and the
-    difference of the two counters says how many were dropped.  (A corrupt
-    record, i.e. a CRC error, ends the read of its shard; tf.data logs it.)
+    * A corrupt frame makes its clip fail to decode; ``ignore_errors`` drops the
+      clip, and ``attempted - decoded`` counts such clips.
+    * A corrupt record (CRC error) ends the read of its shard; the records after
+      it are lost.  When the manifest lists each shard's clip count, every shard
+      read to its end is checked against it and the shortfall is added to
+      ``lost_records``.
     """
 
     def __init__(self):
         self.attempted = tf.Variable(0, dtype=tf.int64, trainable=False, name="clips_attempted")
         self.decoded = tf.Variable(0, dtype=tf.int64, trainable=False, name="clips_decoded")
+        self.lost = tf.Variable(0, dtype=tf.int64, trainable=False, name="records_lost")
+        self.shard_read = None
+
+    def track_shards(self, num_shards: int) -> None:
+        if self.shard_read is None or int(self.shard_read.shape[0]) != num_shards:
+            self.shard_read = tf.Variable(tf.zeros([num_shards], tf.int64), trainable=False,
+                                          name="shard_records_read")
 
     @property
     def dropped(self) -> int:
+        """Clips dropped for corrupt frames."""
         return int(self.attempted.numpy() - self.decoded.numpy())
+
+    @property
+    def lost_records(self) -> int:
+        """Records lost to corrupt records (a corrupt record and the rest of its shard)."""
+        return int(self.lost.numpy())
 
 
 def parse_clip(serialized):
@@ -91,6 +116,36 @@ def temporal_pool(frames):
     x = tf.cast(frames, tf.float32)[None]
     x = tf.nn.avg_pool3d(x, ksize=[1, 3, 1, 1, 1], strides=[1, 2, 1, 1, 1], padding="VALID")
     return x[0]
+
+
+def segment_indices(num_available, num_segments: int, offsets):
+    """TSN sampling: frame index in each of ``num_segments`` equal segments.
+
+    ``offsets`` in [0, 1) is the position inside each segment ([num_segments],
+    or a scalar for all).  Videos shorter than ``num_segments`` repeat frames.
+    """
+    n = tf.cast(num_available, tf.float32)
+    length = n / num_segments
+    starts = tf.range(num_segments, dtype=tf.float32) * length
+    idx = tf.cast(tf.floor(starts + tf.cast(offsets, tf.float32) * length), tf.int32)
+    return tf.clip_by_value(idx, 0, tf.cast(num_available, tf.int32) - 1)
+
+
+def sample_frames(encoded, cfg: InputConfig, training: bool):
+    """Encoded frames of the clip(s) to decode: [num_frames] in training,
+    [num_clips * num_frames] in evaluation."""
+    if cfg.sampling == "segments":
+        n = tf.shape(encoded)[0]
+        if training:
+            offsets = tf.random.uniform([cfg.num_frames], 0, 1, seed=cfg.seed)
+            return tf.gather(encoded, segment_indices(n, cfg.num_frames, offsets))
+        idx = [segment_indices(n, cfg.num_frames, (c + 0.5) / cfg.num_clips)
+               for c in range(cfg.num_clips)]
+        return tf.gather(encoded, tf.concat(idx, 0))
+    if training:
+        return ops3d.sample_sequence(encoded, cfg.num_frames, random=True, stride=cfg.stride,
+                                     seed=cfg.seed)
+    return ops3d.sample_linspace_sequence(encoded, cfg.num_clips, cfg.num_frames, cfg.stride)
 
 
 def _decode(encoded):
@@ -129,9 +184,7 @@ def _decode_random_crop(sampled, cfg: InputConfig):
 
 
 def preprocess_train(encoded, cfg: InputConfig):
-    sampled = ops3d.sample_sequence(encoded, cfg.num_frames, random=True, stride=cfg.stride,
-                                    seed=cfg.seed)
-    frames = _decode_random_crop(sampled, cfg)
+    frames = _decode_random_crop(sample_frames(encoded, cfg, training=True), cfg)
     if cfg.flip:
         frames = ops3d.random_flip_left_right(frames, seed=cfg.seed)
     if cfg.temporal_pool:
@@ -143,8 +196,7 @@ def preprocess_train(encoded, cfg: InputConfig):
 
 def preprocess_eval(encoded, cfg: InputConfig):
     """All views of one video: [num_clips * num_crops, T, H, W, 3]."""
-    sampled = ops3d.sample_linspace_sequence(encoded, cfg.num_clips, cfg.num_frames, cfg.stride)
-    frames = _decode(sampled)
+    frames = _decode(sample_frames(encoded, cfg, training=False))
     frames = ops3d.resize_smallest(frames, cfg.eval_short_side)
     frames = tf.reshape(frames, tf.concat([[cfg.num_clips, cfg.num_frames], tf.shape(frames)[1:]], 0))
     views = []
@@ -162,12 +214,47 @@ def preprocess_eval(encoded, cfg: InputConfig):
     return out
 
 
-def _records(files, training: bool, seed):
-    ds = tf.data.Dataset.from_tensor_slices(files)
+def _read_shard(path):
+    return tf.data.TFRecordDataset(path).ignore_errors(log_warning=True)
+
+
+def _records(files, training: bool, seed, stats: InputStats | None = None, expected=None):
+    """Records of ``files`` (shuffled shard order in training).  With ``stats`` and
+    the shards' ``expected`` clip counts, records lost to corruption are counted."""
+    cycle = min(4, len(files))
+    if stats is None or expected is None or len(expected) != len(files):
+        ds = tf.data.Dataset.from_tensor_slices(files)
+        if training:
+            ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+        return ds.interleave(_read_shard, cycle_length=cycle,
+                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+    stats.track_shards(len(files))
+    ds = tf.data.Dataset.from_tensor_slices(
+        (files, tf.constant(expected, tf.int64), tf.range(len(files), dtype=tf.int64)))
     if training:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
-    return ds.interleave(tf.data.TFRecordDataset, cycle_length=min(4, len(files)),
-                         num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+
+    def read(path, n, shard):  # the shard's records, then an end marker carrying n >= 0
+        recs = _read_shard(path).map(lambda r: (r, shard, tf.constant(-1, tf.int64)))
+        return recs.concatenate(tf.data.Dataset.from_tensors((tf.constant(""), shard, n)))
+
+    def count(record, shard, n):
+        def on_record():
+            return stats.shard_read.scatter_nd_add([[shard]], [1]).value()[0]
+
+        def on_end():
+            lost = tf.maximum(n - stats.shard_read[shard], 0)
+            with tf.control_dependencies([stats.lost.assign_add(lost)]):
+                return stats.shard_read.scatter_nd_update([[shard]], [0]).value()[0]
+
+        done = tf.cond(n < 0, on_record, on_end)
+        with tf.control_dependencies([done]):
+            return tf.identity(record), n
+
+    ds = ds.interleave(read, cycle_length=cycle, num_parallel_calls=tf.data.AUTOTUNE,
+                       deterministic=not training)
+    ds = ds.map(count)  # sequential: a shard's records are counted before its end marker
+    return ds.filter(lambda r, n: n < 0).map(lambda r, n: r)
 
 
 def _shard_files(data_dir: str, split: str) -> list[str]:
@@ -184,7 +271,9 @@ def train_dataset(data_dir: str, split: str, cfg: InputConfig, repeat: bool = Tr
     With ``data_service`` (grpc://host:port) the pipeline runs on tf.data service
     workers; ``stats`` (local pipelines only) counts clips dropped as corrupt.
     """
-    ds = _records(_shard_files(data_dir, split), True, cfg.seed)
+    files = _shard_files(data_dir, split)
+    expected = None if (stats is None or data_service) else records.shard_clip_counts(data_dir, split)
+    ds = _records(files, True, cfg.seed, None if data_service else stats, expected)
     ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed)
     if repeat:
         ds = ds.repeat()
@@ -225,5 +314,7 @@ def eval_dataset(data_dir: str, split: str, cfg: InputConfig) -> tf.data.Dataset
         return (preprocess_eval(enc, cfg), tf.fill([n_views], label),
                 tf.fill([n_views], tf.cast(i, tf.int32)))
 
-    ds = ds.map(views, num_parallel_calls=tf.data.AUTOTUNE).unbatch()
+    # A video that fails to decode is dropped whole (its views stay together); the
+    # evaluation reports how many videos it scored.
+    ds = ds.map(views, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True).unbatch()
     return ds.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)

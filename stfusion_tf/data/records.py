@@ -114,6 +114,12 @@ def read_manifest(data_dir: str) -> dict:
         return json.load(f)
 
 
+def shard_clip_counts(data_dir: str, split: str, manifest: dict | None = None) -> list[int] | None:
+    """Clips written to each shard of ``split`` (None for datasets written without them)."""
+    manifest = manifest or read_manifest(data_dir)
+    return manifest["splits"][split].get("shard_clips")
+
+
 def shard_paths(data_dir: str, split: str, manifest: dict | None = None) -> list[str]:
     manifest = manifest or read_manifest(data_dir)
     if split not in manifest["splits"]:
@@ -133,12 +139,15 @@ class ManifestBuilder:
         self.extra = dict(extra or {})
 
     def add_split(self, split: str, shards: list[str], labels: Sequence[int],
-                  num_frames: Sequence[int]) -> None:
+                  num_frames: Sequence[int], shard_clips: Sequence[int] | None = None) -> None:
+        """``shard_clips``: clips written to each shard, so readers can count records
+        lost to corruption."""
         counts = np.bincount(np.asarray(labels, np.int64), minlength=len(self.label_map))
         nf = np.asarray(num_frames, np.int64) if len(num_frames) else np.zeros([0], np.int64)
         self.splits[split] = {
             "shards": list(shards),
             "num_clips": int(len(labels)),
+            **({"shard_clips": [int(n) for n in shard_clips]} if shard_clips is not None else {}),
             "clips_per_class": {self.label_map[i]: int(c) for i, c in enumerate(counts)},
             "num_frames": {
                 "min": int(nf.min()) if nf.size else 0,

@@ -169,12 +169,13 @@ def prepare_synthetic(out_dir: str, spec: SyntheticSpec, log=print) -> dict:
         extra={"synthetic": dataclasses.asdict(spec), "frame_size": spec.size})
     for split, n in spec.split_sizes().items():
         num_shards = max(1, -(-n // spec.clips_per_shard))
-        shards, labels = [], []
+        shards, labels, shard_clips = [], [], []
         for s in range(num_shards):
             name = records.shard_name(split, s, num_shards)
             shards.append(name)
             idx = range(s * spec.clips_per_shard, min(n, (s + 1) * spec.clips_per_shard))
             labels.extend(i % spec.num_classes for i in idx)
+            shard_clips.append(len(idx))
             path = os.path.join(out_dir, name)
             if os.path.exists(path):
                 continue
@@ -190,5 +191,5 @@ def prepare_synthetic(out_dir: str, spec: SyntheticSpec, log=print) -> dict:
 
             records.write_shard(path, gen())
             log(f"wrote {path}")
-        builder.add_split(split, shards, labels, [spec.num_frames] * len(labels))
+        builder.add_split(split, shards, labels, [spec.num_frames] * len(labels), shard_clips)
     return builder.write(out_dir)

@@ -117,18 +117,21 @@ class FusionStrategy:
     def code(self) -> str:
         """Compact code as in the paper's tables, e.g. ``FFFFFT|S|FF...``.
 
-        Groups are separated at each position whose name has no ``.`` (a
-        transition) so the template's blocks read as in Fig. 4.
+        Positions are grouped by the part of their name before ``.`` (a block
+        ``B2`` of the template, a stage ``C3`` of a ResNet); a position without
+        ``.`` (a transition) stands alone, so the template reads as in Fig. 4.
         """
-        out, group = [], []
+        out, group, prefix = [], [], None
         for pos, unit in zip(self.positions, self.units):
-            if "." in pos:
-                group.append(UNIT_LETTERS[unit])
-            else:
-                if group:
-                    out.append("".join(group))
-                    group = []
+            head = pos.split(".")[0] if "." in pos else None
+            if group and (head is None or head != prefix):
+                out.append("".join(group))
+                group = []
+            if head is None:
                 out.append(UNIT_LETTERS[unit])
+            else:
+                group.append(UNIT_LETTERS[unit])
+            prefix = head
         if group:
             out.append("".join(group))
         return "|".join(out)

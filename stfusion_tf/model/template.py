@@ -12,6 +12,12 @@ AvgPool (1,2,2) ((2,2,2) in T1 of the temporally down-sampled variant).
 Head: BN-ReLU-global average pool-gated features (per-feature concrete dropout)
 -Dense.  Positions are named as in the paper's Fig. 4: ``B1.L1`` ... ``T1`` ...
 ``B4.L16``.
+
+Given a FusionStrategy, the same code builds the gate-free network of that
+strategy (the DenseNet121-3D backbone): only the kept branches exist, with the
+template's layer names, so a template's weights load into it by name
+(``transfer_template_weights``).  Stem and pooling pad explicitly and
+symmetrically, as the authors' PyTorch code and ``keras.applications`` do.
 """
 
 from __future__ import annotations
@@ -22,7 +28,8 @@ import keras
 
 from stfusion_tf.model.gates import VariationalDropPath, gate_layers
 from stfusion_tf.model.normalization import PixelNormalization
-from stfusion_tf.model.strategy import FusionStrategy
+from stfusion_tf.model.layers3d import TEMPORAL_PADDINGS, Pad3D
+from stfusion_tf.model.strategy import NONE, UNIT_TO_KEEP, FusionStrategy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +59,8 @@ class TemplateConfig:
     num_frames: int = 16
     crop_size: int = 224
     dropout: float = 0.0
+    #: Padding of temporal kernels: "zeros" (authors) or "replicate" (edge frames).
+    temporal_padding: str = "zeros"
 
     @property
     def bottleneck_width(self) -> int:
@@ -114,43 +123,84 @@ def _gate(layer, gate: GateConfig, name, noise="path"):
         length_scale=gate.length_scale, dataset_size=gate.dataset_size, name=name)
 
 
-def _fusion_unit(x, position, filters, gate: GateConfig, sync=False):
-    """The two gated branches of one position, summed."""
+def _temporal_conv(x, conv, kt, mode, name):
+    """Applies ``conv`` (a (kt,1,1) kernel, possibly gated) with the configured padding."""
+    if kt > 1 and mode == "replicate":
+        x = Pad3D(time=kt // 2, temporal=mode, name=f"{name}_tpad")(x)
+    return conv(x)
+
+
+def _fusion_unit(x, position, filters, gate: GateConfig, sync=False, unit=None, tpad="zeros"):
+    """The two branches of one position, summed: gated (``unit=None``) or the kept ones."""
     k = _key(position)
     s_name, t_name = _gate_names(position)
-    s = keras.layers.ReLU(name=f"{k}_s_relu")(_bn(f"{k}_s_bn", sync)(x))
-    s = _gate(_conv(filters, (1, 1, 1), f"{k}_s_conv"), gate, s_name)(s)
-    t = keras.layers.ReLU(name=f"{k}_t_relu")(_bn(f"{k}_t_bn", sync)(x))
-    t = _gate(_conv(filters, (3, 1, 1), f"{k}_t_conv"), gate, t_name)(t)
-    return keras.layers.Add(name=f"{k}_sum")([s, t])
+    keep_s, keep_t = UNIT_TO_KEEP[unit] if unit else (1, 1)
+    t_padding = "valid" if tpad == "replicate" else "same"
+    branches = []
+    if keep_s:
+        s = keras.layers.ReLU(name=f"{k}_s_relu")(_bn(f"{k}_s_bn", sync)(x))
+        conv = _conv(filters, (1, 1, 1), f"{k}_s_conv")
+        branches.append((conv if unit else _gate(conv, gate, s_name))(s))
+    if keep_t:
+        t = keras.layers.ReLU(name=f"{k}_t_relu")(_bn(f"{k}_t_bn", sync)(x))
+        conv = keras.layers.Conv3D(filters, (3, 1, 1), padding=t_padding, use_bias=False,
+                                   kernel_initializer="he_normal", name=f"{k}_t_conv")
+        branches.append(_temporal_conv(t, conv if unit else _gate(conv, gate, t_name), 3, tpad,
+                                       f"{k}_t"))
+    if len(branches) == 1:
+        return branches[0]
+    return keras.layers.Add(name=f"{k}_sum")(branches)
 
 
 def build_template(config: TemplateConfig, num_classes: int,
                    gate: GateConfig = GateConfig(), name: str = "template",
-                   synchronized_bn: bool = False) -> keras.Model:
+                   synchronized_bn: bool = False,
+                   strategy: FusionStrategy | None = None) -> keras.Model:
     """Builds the template as a functional Keras model: clips [B,T,H,W,3] -> logits.
 
     Clips are float32 pixel values in [0, 255]; the first layer normalises them.
+    With ``strategy`` the network has no gates and only the strategy's branches
+    (the DenseNet121-3D backbone of that strategy).
 
     ``synchronized_bn`` makes BatchNorm statistics global across replicas.
     """
     sync = synchronized_bn
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if config.temporal_padding not in TEMPORAL_PADDINGS:
+        raise ValueError(f"temporal_padding={config.temporal_padding!r}; valid values: "
+                         f"{', '.join(TEMPORAL_PADDINGS)}")
+    positions = template_positions(config)
+    units = dict.fromkeys(positions)
+    if strategy is not None:
+        if tuple(strategy.positions) != positions:
+            raise ValueError(f"strategy positions ({len(strategy)}) do not match the template "
+                             f"layout ({len(positions)} positions: {positions[0]} ... {positions[-1]})")
+        if NONE in strategy.units:
+            raise ValueError("a gate-free network cannot hold the unit 'none' (both branches "
+                             f"dropped) at {strategy.positions[strategy.units.index(NONE)]}")
+        units = dict(zip(strategy.positions, strategy.units))
+    tpad = config.temporal_padding
     inputs = keras.Input((config.num_frames, config.crop_size, config.crop_size, 3), name="clip")
     t_stride = 2 if config.temporal_downsample else 1
+    s_stride = config.stem_spatial_stride
+    kt, kh, kw = config.stem_kernel
     x = PixelNormalization(name="input_norm")(inputs)
-    x = _conv(config.init_features, config.stem_kernel, "stem_conv",
-              strides=(t_stride, config.stem_spatial_stride, config.stem_spatial_stride))(x)
+    x = Pad3D(kt // 2, kh // 2, kw // 2, temporal=tpad, name="stem_pad")(x)
+    x = keras.layers.Conv3D(config.init_features, config.stem_kernel,
+                            strides=(t_stride, s_stride, s_stride), padding="valid",
+                            use_bias=False, kernel_initializer="he_normal", name="stem_conv")(x)
     x = keras.layers.ReLU(name="stem_relu")(_bn("stem_bn", sync)(x))
-    x = keras.layers.MaxPooling3D((3, 3, 3), strides=(t_stride, 2, 2), padding="same",
+    # Zero padding after ReLU is max-pooling's -inf padding.
+    x = Pad3D(1, 1, 1, name="stem_pool_pad")(x)
+    x = keras.layers.MaxPooling3D((3, 3, 3), strides=(t_stride, 2, 2), padding="valid",
                                   name="stem_pool")(x)
     channels = config.init_features
     for b, n_layers in enumerate(config.block_config, start=1):
         for i in range(1, n_layers + 1):
             pos = f"B{b}.L{i}"
             k = _key(pos)
-            y = _fusion_unit(x, pos, config.bottleneck_width, gate, sync)
+            y = _fusion_unit(x, pos, config.bottleneck_width, gate, sync, units[pos], tpad)
             y = keras.layers.ReLU(name=f"{k}_relu")(_bn(f"{k}_bn", sync)(y))
             y = _conv(config.growth_rate, (1, 3, 3), f"{k}_spatial_conv")(y)
             x = keras.layers.Concatenate(name=f"{k}_concat")([x, y])
@@ -158,7 +208,7 @@ def build_template(config: TemplateConfig, num_classes: int,
         if b < len(config.block_config):
             pos = f"T{b}"
             channels = int(channels * config.compression)
-            x = _fusion_unit(x, pos, channels, gate, sync)
+            x = _fusion_unit(x, pos, channels, gate, sync, units[pos], tpad)
             pool_t = 2 if (config.temporal_downsample and b == 1) else 1
             x = keras.layers.AveragePooling3D((pool_t, 2, 2), strides=(pool_t, 2, 2),
                                               name=f"t{b}_pool")(x)
@@ -166,9 +216,40 @@ def build_template(config: TemplateConfig, num_classes: int,
     x = keras.layers.GlobalAveragePooling3D(name="head_pool")(x)
     if config.dropout > 0:
         x = keras.layers.Dropout(config.dropout, name="head_dropout")(x)
-    logits = _gate(keras.layers.Dense(num_classes, name="classifier"), gate, "head_gate",
-                   noise="feature")(x)
+    dense = keras.layers.Dense(num_classes, name="classifier")
+    logits = dense(x) if strategy is not None else _gate(dense, gate, "head_gate", noise="feature")(x)
     return keras.Model(inputs, logits, name=name)
+
+
+def transfer_template_weights(template: keras.Model, network: keras.Model) -> int:
+    """Loads a template's weights into a gate-free network built from the same config.
+
+    Layers are matched by name (a gate's wrapped layer by its own name).  The
+    head gate's inference-time scaling (1 - p, when it is on and not rescaling)
+    is folded into the classifier kernel, so the network reproduces the
+    template's ``mask``-mode outputs exactly.  Returns the number of layers copied.
+    """
+    import numpy as np
+    from stfusion_tf.model.gates import VariationalDropPath
+    source = {}
+    for layer in template._flatten_layers(include_self=False, recursive=True):
+        source[layer.name] = layer
+        if isinstance(layer, VariationalDropPath):
+            source[layer.layer.name] = layer.layer
+    head = source.get("head_gate")
+    copied = 0
+    for layer in network.layers:
+        if not layer.weights:
+            continue
+        if layer.name not in source:
+            raise ValueError(f"the template has no layer {layer.name!r}")
+        values = [np.asarray(v) for v in source[layer.name].weights]
+        if layer.name == "classifier" and head is not None and int(head.enabled.numpy()) \
+                and not head.rescale:
+            values[0] = values[0] * (1.0 - float(head.drop_rate))
+        layer.set_weights(values)
+        copied += 1
+    return copied
 
 
 class TemplateGates:

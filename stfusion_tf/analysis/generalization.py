@@ -1,0 +1,129 @@
+"""``--mode=generalize``: do the template's hints transfer to other backbones? (paper Table 6)
+
+Each backbone x strategy spec (``opt``, ``S+ST``, ``S``, ``ST`` by default; see
+``fusion_rules``) is trained stand-alone with the same recipe and budget and
+scored on the reporting split; two specs that give the same network (Opt equal
+to S+ST, as on UCF101 in the paper) share one training run.  Finished runs are appended to
+``analysis/generalization.jsonl`` so an interrupted experiment resumes; the
+table is written as ``generalization.md`` / ``.json`` and to TensorBoard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+from stfusion_tf.data import records
+from stfusion_tf.model import backbones as bb
+from stfusion_tf.model import fusion_rules
+
+LABELS = {"opt": "Opt", "paper": "Paper rule", "S+ST": "S+ST", "S": "S", "ST": "ST"}
+
+
+def _label(spec: str) -> str:
+    return LABELS.get(spec, os.path.basename(spec))
+
+
+def plan(backbones, specs, family: str, analysis_dir: str, **overrides) -> list[dict]:
+    """Resolves every (backbone, spec) to a strategy up front, so bad specs fail before training."""
+    runs = []
+    for name in backbones:
+        cfg = bb.preset(name, **overrides)
+        for spec in specs:
+            st = fusion_rules.resolve(spec, cfg, family, analysis_dir)
+            runs.append({"backbone": name, "spec": spec, "config": cfg, "strategy": st,
+                         "key": f"{name}|{spec}|{st.key()}"})
+    return runs
+
+
+def _read_done(path: str) -> dict:
+    done = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                    done[r["key"]] = r
+                except (json.JSONDecodeError, KeyError):
+                    pass  # a torn last line from an interrupted run
+    return done
+
+
+def run(model_dir: str, runs: list[dict], train_fn, log=print) -> dict:
+    """``train_fn(config, strategy, run_dir) -> (summary, params)`` trains one network."""
+    out = os.path.join(model_dir, "analysis")
+    os.makedirs(out, exist_ok=True)
+    jsonl = os.path.join(out, "generalization.jsonl")
+    done = _read_done(jsonl)
+    results, trained = [], {}
+    with open(jsonl, "a") as f:
+        for i, r in enumerate(runs):
+            st = r["strategy"]
+            net = (r["backbone"], st.key())
+            if r["key"] in done:
+                results.append(done[r["key"]])
+                trained.setdefault(net, done[r["key"]])
+                continue
+            if net in trained:  # e.g. Opt == S+ST: the same network, trained once
+                results.append({**trained[net], "key": r["key"], "spec": r["spec"],
+                                "same_as": trained[net]["spec"]})
+                continue
+            log(f"[generalize] {i + 1}/{len(runs)}: {r['backbone']} {_label(r['spec'])} {st.code()}")
+            run_dir = os.path.join(model_dir, "generalize", r["backbone"],
+                                   r["spec"].replace("+", "_plus_").replace(os.sep, "_"))
+            summary, params = train_fn(r["config"], st, run_dir)
+            ev = next(iter(summary["eval"].values()))
+            row = {"key": r["key"], "backbone": r["backbone"], "spec": r["spec"],
+                   "code": st.code(), "counts": st.counts(), "params": params,
+                   "steps": summary["steps"], **{k: ev[k] for k in
+                                                 ("clip_top1", "video_top1", "num_videos")}}
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            results.append(row)
+            trained[net] = row
+    return write_table(out, results, log)
+
+
+def write_table(out: str, results: list[dict], log=print) -> dict:
+    backbones = list(dict.fromkeys(r["backbone"] for r in results))
+    specs = list(dict.fromkeys(r["spec"] for r in results))
+    cell = {(r["backbone"], r["spec"]): r for r in results}
+    lines = ["# Generalisation: fusion strategies on other backbones (paper Table 6)", "",
+             "Each network trained stand-alone with the template's recipe and budget; "
+             "video-level top-1 (clip-level in brackets) on the reporting split.", "",
+             "| backbone | " + " | ".join(_label(s) for s in specs) + " |",
+             "|---|" + "---|" * len(specs)]
+    for b in backbones:
+        row = []
+        for s in specs:
+            r = cell.get((b, s))
+            if r is None:
+                row.append("–")
+                continue
+            same = f" = {_label(r['same_as'])}" if r.get("same_as") else ""
+            row.append(f"{100 * r['video_top1']:.1f} ({100 * r['clip_top1']:.1f}){same}")
+        lines.append(f"| {b} | " + " | ".join(row) + " |")
+    lines += ["", "| backbone | strategy | code | S / ST / S+ST units | trainable params |",
+              "|---|---|---|---|---|"]
+    for r in results:
+        c = r["counts"]
+        lines.append(f"| {r['backbone']} | {_label(r['spec'])} | `{r['code']}` | "
+                     f"{c['S']} / {c['ST']} / {c['S+ST']} | {r['params']:,} |")
+    table = {"backbones": backbones, "specs": specs, "results": results}
+    records.write_json_atomic(os.path.join(out, "generalization.json"), table)
+    tmp = os.path.join(out, "generalization.md.tmp")
+    with open(tmp, "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(tmp, os.path.join(out, "generalization.md"))
+    _tensorboard(os.path.join(os.path.dirname(out), "tensorboard", "generalize"), lines, results)
+    return table
+
+
+def _tensorboard(log_dir: str, lines: list[str], results: list[dict]) -> None:
+    import tensorflow as tf
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default(step=0):
+        tf.summary.text("generalization", "\n".join(lines))
+        for r in results:
+            tf.summary.scalar(f"video_top1/{r['backbone']}/{_label(r['spec'])}", r["video_top1"])
+    writer.flush()

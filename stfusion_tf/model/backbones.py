@@ -1,0 +1,290 @@
+"""3D backbones built from a FusionStrategy: ResNet50, ResNeXt50/101, MobileNetV2, DenseNet121.
+
+Every fusion unit follows the authors' design (paper digest §5): a 1x1 conv of
+the 2D network becomes two parallel branches, 1x1x1 (S) and 3x1x1 (ST), summed
+(S+ST) or one of them alone, per the strategy; the k x k convs become 1 x k x k.
+The networks have no gates.
+
+* ResNet / ResNeXt bottleneck: the first 1x1 is the fusion unit, then
+  BN-ReLU, the 1x3x3 (grouped for ResNeXt) with the spatial stride, BN-ReLU,
+  1x1x1, BN, residual.  ``stride_on="first"`` moves the stride to the fusion
+  unit, the layout of ``keras.applications.ResNet50`` (v1), for exact inflation.
+  Positions ``C2.B1`` ... ``C5.B3`` (stage ``conv2`` ... ``conv5`` of the 2D net).
+* MobileNetV2 inverted residual: the expansion 1x1 is the fusion unit; the
+  first block (expansion 1, no expansion conv) fuses its projection 1x1
+  instead.  Depthwise 1x3x3 convs run per frame (``layers3d.DepthwiseConv3D``).
+  Positions ``M1.B1`` ... ``M7.B1``: row r of the (t, c, n, s) table, block b.
+* DenseNet121-3D: the template without gates (``template.build_template``
+  with a strategy), positions as the template's.
+
+Layer names follow ``keras.applications`` (``conv2_block1_1_conv`` ...; a
+fusion unit's branches add ``_s`` / ``_t``) so ``inflation`` maps 2D weights
+by name.  Stems: (kt x 7 x 7) conv with temporal stride ``temporal_stride``
+(2 in the authors' K400/UCF nets), then a 1x3x3 max-pool.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import keras
+
+from stfusion_tf.model import template as tpl
+from stfusion_tf.model.normalization import PixelNormalization
+from stfusion_tf.model.layers3d import TEMPORAL_PADDINGS, DepthwiseConv3D, Pad3D, same_padding
+from stfusion_tf.model.strategy import NONE, S, S_ST, ST, UNIT_TO_KEEP, UNITS, FusionStrategy  # noqa: F401
+
+ARCHS = ("resnet", "mobilenetv2", "densenet")
+#: MobileNetV2's (expansion t, channels c, repeats n, stride s) rows.
+MOBILENET_ROWS = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+                  (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+    """Architecture of a 3D backbone; presets in ``PRESETS``.
+
+    ``depths``: blocks per stage (ResNet), repeats per row (MobileNetV2) or
+    layers per dense block (DenseNet).  ``width``: stage-1 planes (ResNet),
+    growth rate (DenseNet); ``alpha``: MobileNetV2 width multiplier.
+    """
+
+    arch: str
+    depths: tuple[int, ...]
+    width: int = 64
+    groups: int = 1
+    width_per_group: int = 64
+    alpha: float = 1.0
+    stem_features: int = 64
+    stem_temporal_kernel: int = 5
+    temporal_stride: int = 1
+    stride_on: str = "spatial"
+    temporal_padding: str = "zeros"
+    num_frames: int = 8
+    crop_size: int = 32
+
+    def __post_init__(self):
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch={self.arch!r}; valid values: {', '.join(ARCHS)}")
+        if self.stride_on not in ("spatial", "first"):
+            raise ValueError(f"stride_on={self.stride_on!r}; valid values: spatial, first")
+        if self.temporal_padding not in TEMPORAL_PADDINGS:
+            raise ValueError(f"temporal_padding={self.temporal_padding!r}; valid values: "
+                             f"{', '.join(TEMPORAL_PADDINGS)}")
+        if self.arch == "mobilenetv2" and len(self.depths) != len(MOBILENET_ROWS):
+            raise ValueError(f"MobileNetV2 needs {len(MOBILENET_ROWS)} row depths, got {self.depths}")
+
+
+PRESETS = {
+    "resnet50": BackboneConfig("resnet", (3, 4, 6, 3)),
+    "resnext50": BackboneConfig("resnet", (3, 4, 6, 3), groups=32, width_per_group=4),
+    "resnext101": BackboneConfig("resnet", (3, 4, 23, 3), groups=32, width_per_group=4),
+    "mobilenetv2": BackboneConfig("mobilenetv2", (1, 2, 3, 4, 3, 3, 1), stem_temporal_kernel=3),
+    "densenet121": BackboneConfig("densenet", (6, 12, 24, 16), width=32),
+    # Narrow, shallow versions built by the same code, for 2-core CPU experiments.
+    "resnet_tiny": BackboneConfig("resnet", (1, 1, 1, 1), width=8, stem_features=8,
+                                  stem_temporal_kernel=3),
+    "resnext_tiny": BackboneConfig("resnet", (1, 1, 1, 1), width=8, groups=4, width_per_group=16,
+                                   stem_features=8, stem_temporal_kernel=3),
+    "mobilenetv2_tiny": BackboneConfig("mobilenetv2", (1, 1, 1, 1, 1, 1, 1), alpha=0.25,
+                                       stem_temporal_kernel=3),
+    "densenet_tiny": BackboneConfig("densenet", (2, 2, 2, 2), width=8, stem_features=16,
+                                    stem_temporal_kernel=3),
+}
+
+
+def preset(name: str, **overrides) -> BackboneConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def _make_divisible(v, divisor=8):
+    new = max(divisor, int(v + divisor / 2) // divisor * divisor)
+    return new + divisor if new < 0.9 * v else new
+
+
+def _template_config(cfg: BackboneConfig) -> tpl.TemplateConfig:
+    """The TemplateConfig a DenseNet backbone is built from."""
+    bn_size = 4 if cfg.width >= 32 else 2
+    return tpl.TemplateConfig(block_config=cfg.depths, growth_rate=cfg.width, bn_size=bn_size,
+                              init_features=cfg.stem_features,
+                              stem_kernel=(cfg.stem_temporal_kernel, 7, 7),
+                              temporal_downsample=cfg.temporal_stride > 1,
+                              num_frames=cfg.num_frames, crop_size=cfg.crop_size,
+                              temporal_padding=cfg.temporal_padding)
+
+
+def positions(cfg: BackboneConfig) -> tuple[str, ...]:
+    """Fusion positions in network order."""
+    if cfg.arch == "densenet":
+        return tpl.template_positions(_template_config(cfg))
+    if cfg.arch == "resnet":
+        return tuple(f"C{i + 2}.B{j + 1}" for i, n in enumerate(cfg.depths) for j in range(n))
+    return tuple(f"M{r + 1}.B{j + 1}" for r, n in enumerate(cfg.depths) for j in range(n))
+
+
+def stage_of(position: str) -> str:
+    return position.split(".")[0]
+
+
+# -- layers -----------------------------------------------------------------------
+
+class _Builder:
+    """Keeps the per-network settings the layer helpers need."""
+
+    def __init__(self, cfg: BackboneConfig, units: dict, sync: bool):
+        self.cfg, self.units, self.sync = cfg, units, sync
+        self.eps = 1e-3 if cfg.arch == "mobilenetv2" else 1.001e-5
+
+    def bn(self, x, name):
+        return keras.layers.BatchNormalization(epsilon=self.eps, momentum=0.9, name=name,
+                                               synchronized=self.sync)(x)
+
+    def conv(self, x, filters, kernel, name, strides=(1, 1, 1), groups=1, pad=(0, 0, 0),
+             padding="valid"):
+        """Conv3D with explicit symmetric/asymmetric padding (time padded per config)."""
+        if any(p if isinstance(p, int) else sum(p) for p in pad):
+            x = Pad3D(*pad, temporal=self.cfg.temporal_padding, name=f"{name}_pad")(x)
+        return keras.layers.Conv3D(filters, kernel, strides=strides, padding=padding,
+                                   groups=groups, use_bias=False,
+                                   kernel_initializer="he_normal", name=name)(x)
+
+    def fusion(self, x, position, filters, name, strides=(1, 1, 1)):
+        """The fusion unit at ``position``: 1x1x1 and/or 3x1x1 branches, summed."""
+        keep_s, keep_t = UNIT_TO_KEEP[self.units[position]]
+        branches = []
+        if keep_s:
+            branches.append(self.conv(x, filters, (1, 1, 1), f"{name}_s", strides))
+        if keep_t:
+            if self.cfg.temporal_padding == "zeros":  # "same" pads time only: no extra op
+                branches.append(self.conv(x, filters, (3, 1, 1), f"{name}_t", strides, padding="same"))
+            else:
+                branches.append(self.conv(x, filters, (3, 1, 1), f"{name}_t", strides, pad=(1, 0, 0)))
+        if len(branches) == 1:
+            return branches[0]
+        return keras.layers.Add(name=f"{name}_sum")(branches)
+
+
+def _stem(b: _Builder, x, filters, kernel, spatial_pad, name):
+    cfg = b.cfg
+    kt = cfg.stem_temporal_kernel
+    return b.conv(x, filters, (kt, kernel, kernel), name,
+                  strides=(cfg.temporal_stride, 2, 2), pad=(kt // 2, spatial_pad, spatial_pad))
+
+
+def _resnet(b: _Builder, x, position_names):
+    cfg = b.cfg
+    x = _stem(b, x, cfg.stem_features, 7, 3, "conv1_conv")
+    x = keras.layers.ReLU(name="conv1_relu")(b.bn(x, "conv1_bn"))
+    x = Pad3D(0, 1, 1, name="pool1_pad")(x)
+    x = keras.layers.MaxPooling3D((1, 3, 3), strides=(1, 2, 2), name="pool1_pool")(x)
+    pos = iter(position_names)
+    for i, n in enumerate(cfg.depths):
+        planes = cfg.width * 2 ** i
+        mid = int(planes * cfg.width_per_group / 64) * cfg.groups
+        out = planes * 4
+        for j in range(n):
+            name = f"conv{i + 2}_block{j + 1}"
+            s = 2 if (j == 0 and i > 0) else 1
+            first = (1, s, s) if cfg.stride_on == "first" else (1, 1, 1)
+            spatial = (1, 1, 1) if cfg.stride_on == "first" else (1, s, s)
+            if j == 0:
+                shortcut = b.conv(x, out, (1, 1, 1), f"{name}_0_conv", (1, s, s))
+                shortcut = b.bn(shortcut, f"{name}_0_bn")
+            else:
+                shortcut = x
+            y = b.fusion(x, next(pos), mid, f"{name}_1_conv", first)
+            y = keras.layers.ReLU(name=f"{name}_1_relu")(b.bn(y, f"{name}_1_bn"))
+            if spatial[1] == 1:  # "same" is symmetric here, and spares a Pad op
+                y = b.conv(y, mid, (1, 3, 3), f"{name}_2_conv", groups=cfg.groups, padding="same")
+            else:
+                y = b.conv(y, mid, (1, 3, 3), f"{name}_2_conv", spatial, groups=cfg.groups,
+                           pad=(0, 1, 1))
+            y = keras.layers.ReLU(name=f"{name}_2_relu")(b.bn(y, f"{name}_2_bn"))
+            y = b.bn(b.conv(y, out, (1, 1, 1), f"{name}_3_conv"), f"{name}_3_bn")
+            x = keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add(name=f"{name}_add")([shortcut, y]))
+    return x
+
+
+def _mobilenetv2(b: _Builder, x, position_names):
+    cfg = b.cfg
+    relu6 = lambda name: keras.layers.ReLU(6.0, name=name)  # noqa: E731
+    first = _make_divisible(32 * cfg.alpha, 8)
+    size = cfg.crop_size
+    x = _stem(b, x, first, 3, same_padding(size, 3, 2), "Conv1")
+    size = -(-size // 2)
+    x = relu6("Conv1_relu")(b.bn(x, "bn_Conv1"))
+    pos = iter(position_names)
+    block_id = 0
+    for (t, c, _, s), n in zip(MOBILENET_ROWS, cfg.depths):
+        for j in range(n):
+            stride = s if j == 0 else 1
+            in_ch = x.shape[-1]
+            filters = _make_divisible(int(c * cfg.alpha), 8)
+            prefix = "expanded_conv_" if block_id == 0 else f"block_{block_id}_"
+            position = next(pos)
+            y = x
+            if block_id:
+                y = b.fusion(y, position, t * in_ch, f"{prefix}expand")
+                y = relu6(f"{prefix}expand_relu")(b.bn(y, f"{prefix}expand_BN"))
+            ch = y.shape[-1]
+            if stride == 2:
+                pad = (0, 1) if size % 2 == 0 else (1, 1)
+                y = Pad3D(0, pad, pad, name=f"{prefix}pad")(y)
+                y = DepthwiseConv3D(3, 2, "valid", name=f"{prefix}depthwise")(y)
+                size = -(-size // 2)
+            else:
+                y = DepthwiseConv3D(3, 1, "same", name=f"{prefix}depthwise")(y)
+            y = relu6(f"{prefix}depthwise_relu")(b.bn(y, f"{prefix}depthwise_BN"))
+            if block_id:
+                y = b.conv(y, filters, (1, 1, 1), f"{prefix}project")
+            else:
+                y = b.fusion(y, position, filters, f"{prefix}project")
+            y = b.bn(y, f"{prefix}project_BN")
+            if in_ch == filters and stride == 1:
+                y = keras.layers.Add(name=f"{prefix}add")([x, y])
+            x = y
+            block_id += 1
+    last = _make_divisible(1280 * cfg.alpha, 8) if cfg.alpha > 1.0 else 1280
+    x = b.conv(x, last, (1, 1, 1), "Conv_1")
+    return relu6("out_relu")(b.bn(x, "Conv_1_bn"))
+
+
+def build_backbone(cfg: BackboneConfig, strategy: FusionStrategy, num_classes: int,
+                   name: str | None = None, synchronized_bn: bool = False) -> keras.Model:
+    """A 3D backbone of ``cfg`` with ``strategy``'s unit at each position.
+
+    Input: clips [B, T, H, W, 3] of float pixel values in [0, 255]; output: logits.
+    """
+    pos = positions(cfg)
+    if tuple(strategy.positions) != pos:
+        raise ValueError(f"the strategy has {len(strategy)} positions ({strategy.positions[:2]}...); "
+                         f"this backbone has {len(pos)} ({pos[0]} ... {pos[-1]}); "
+                         "build one with fusion_rules.resolve")
+    if NONE in strategy.units:
+        raise ValueError("backbones cannot hold the unit 'none' (both branches dropped) at "
+                         f"{strategy.positions[strategy.units.index(NONE)]}; valid units: S, ST, S+ST")
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    name = name or f"{cfg.arch}3d"
+    if cfg.arch == "densenet":
+        return tpl.build_template(_template_config(cfg), num_classes, name=name,
+                                  synchronized_bn=synchronized_bn, strategy=strategy)
+    b = _Builder(cfg, dict(zip(strategy.positions, strategy.units)), synchronized_bn)
+    inputs = keras.Input((cfg.num_frames, cfg.crop_size, cfg.crop_size, 3), name="clip")
+    x = PixelNormalization(name="input_norm")(inputs)
+    x = (_resnet if cfg.arch == "resnet" else _mobilenetv2)(b, x, pos)
+    x = keras.layers.GlobalAveragePooling3D(name="avg_pool")(x)
+    logits = keras.layers.Dense(num_classes, name="predictions")(x)
+    return keras.Model(inputs, logits, name=name)
+
+
+def count_params(model: keras.Model) -> dict:
+    import numpy as np
+    trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
+    return {"params_trainable": trainable, "params_total": int(model.count_params())}
+
+
+__all__ = ["ARCHS", "BackboneConfig", "PRESETS", "preset", "positions", "build_backbone",
+           "count_params", "UNITS", "S", "ST", "S_ST"]

@@ -1,0 +1,182 @@
+"""Fusion strategies for a backbone: uniform, the paper's hand rules, or read from a template.
+
+A strategy spec (``--backbone_strategies``) is one of
+
+* ``S``, ``ST``, ``S+ST``: the same unit everywhere;
+* ``paper``: the paper's hand-designed "Opt" for the dataset family (digest §5,
+  supplement §3): ``ss`` (Something-Something, motion-heavy), ``k400`` (Kinetics),
+  ``ucf`` (UCF101).  DenseNet121 uses the paper's best sampled strategy of
+  Fig. 4 (mapped by relative depth onto a smaller DenseNet);
+* ``opt``: from a trained template's analysis: its Opt strategy where the
+  backbone has the template's positions (DenseNet, as the paper did), otherwise
+  the template's layer-level marginals mapped by relative depth and the most
+  probable unit taken at each position;
+* a comma-separated list of units, one per stage (or row) or one per position;
+* the path of a FusionStrategy JSON with the backbone's positions.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+from stfusion_tf.model import backbones as bb
+from stfusion_tf.model import template as tpl
+from stfusion_tf.model.strategy import S, S_ST, ST, UNITS, FusionStrategy
+
+FAMILIES = ("ss", "k400", "ucf")
+#: Dataset -> family of the paper's hand rules.
+DATASET_FAMILY = {"ssv1": "ss", "ssv2": "ss", "synthetic_motion": "ss", "kinetics400": "k400",
+                  "folder": "k400", "ucf101": "ucf", "synthetic_appearance": "ucf"}
+_LETTER = {"S": S, "T": ST, "F": S_ST}
+#: Best sampled strategies of the paper's Fig. 4 (DenseNet121 template), block by block.
+PAPER_BEST = {
+    "ssv1": "FFFFFT|S|FFFTFFFFFFFT|F|FFFFFFFFFFTFFTTFFTFTTTTF|F|TTTTFTFFFFFTFTTF",
+    "ssv2": "FFFFFT|F|FFFFFTFFFTFF|F|FFFFFFFFFFFTFTFFTTFTFFFT|F|FFTTTFTTFFTFTTFT",
+    "ucf101": "FFFFFF|F|FFFFFFFFFFFF|F|FFFFFFFFFFFFFFFFFFFFFFFF|F|FFFFFFFFFFFFFFFF",
+    "kinetics400": "SFFFFF|F|FFFFSFSSFSSS|F|FTFFFFFSFFFFFFFFFFTFSSSS|F|FTFTTTTFFTFFFTFF",
+}
+_FAMILY_BEST = {"ss": "ssv1", "k400": "kinetics400", "ucf": "ucf101"}
+#: MobileNetV2 rows (c = 16, 24, 32, 64, 96, 160, 320).
+_MOBILENET = {"ss": "FFFTTFF", "k400": "FFSFSTF", "ucf": "FFFFFFF"}
+#: Stage-3 pattern of ResNeXt101 (23 blocks) in the authors' code.
+_RXT101_C4 = {"ss": "T" + "F" * 9 + "T" * 13, "k400": "S" * 5 + "F" * 10 + "S" * 4 + "T" * 4}
+
+
+def relative_map(n_target: int, n_source: int) -> list[range]:
+    """Source indices covering each target index by relative depth."""
+    out = []
+    for i in range(n_target):
+        lo = math.floor(i * n_source / n_target)
+        hi = max(lo + 1, math.ceil((i + 1) * n_source / n_target))
+        out.append(range(lo, min(hi, n_source)))
+    return out
+
+
+def map_units(units: Sequence[str], n_target: int) -> list[str]:
+    """Resamples a unit sequence to another depth (the unit at each relative depth)."""
+    return [units[math.floor((i + 0.5) * len(units) / n_target)] for i in range(n_target)]
+
+
+def _stages(positions: Sequence[str]) -> list[list[int]]:
+    groups: dict[str, list[int]] = {}
+    for i, p in enumerate(positions):
+        groups.setdefault(bb.stage_of(p), []).append(i)
+    return list(groups.values())
+
+
+def _stage_pairs(source_positions, target_positions):
+    """(source indices, target indices) per stage when both have the same stages in
+    order (template -> DenseNet of another depth), else one pair for the whole net."""
+    src_names = list(dict.fromkeys(bb.stage_of(p) for p in source_positions))
+    tgt_names = list(dict.fromkeys(bb.stage_of(p) for p in target_positions))
+    if src_names == tgt_names:
+        return list(zip(_stages(source_positions), _stages(target_positions)))
+    return [(list(range(len(source_positions))), list(range(len(target_positions))))]
+
+
+def from_marginals(table: np.ndarray, target_positions: Sequence[str],
+                   source_positions: Sequence[str] | None = None) -> FusionStrategy:
+    """Most probable unit per target position from marginal rows [P, >=3] (S, ST, S+ST),
+    mapped by relative depth (within each stage when the stages correspond)."""
+    table = np.asarray(table, np.float64)[:, :3]
+    source_positions = source_positions or [f"P{i}" for i in range(len(table))]
+    units = [None] * len(target_positions)
+    for src, tgt in _stage_pairs(source_positions, target_positions):
+        for t, cover in zip(tgt, relative_map(len(tgt), len(src))):
+            rows = table[[src[c] for c in cover]]
+            units[t] = (S, ST, S_ST)[int(np.argmax(rows.mean(0)))]
+    return FusionStrategy(tuple(target_positions), tuple(units))
+
+
+def map_strategy(source: FusionStrategy, target_positions: Sequence[str]) -> FusionStrategy:
+    """A strategy resampled onto other positions by relative depth (per stage if they match)."""
+    units = [None] * len(target_positions)
+    for src, tgt in _stage_pairs(source.positions, target_positions):
+        mapped = map_units([source.units[i] for i in src], len(tgt))
+        for t, u in zip(tgt, mapped):
+            units[t] = u
+    return FusionStrategy(tuple(target_positions), tuple(units))
+
+
+def _decode(code: str) -> list[str]:
+    return [_LETTER[c] for c in code.replace("|", "")]
+
+
+def paper_rule(cfg: bb.BackboneConfig, family: str) -> FusionStrategy:
+    """The paper's hand-designed Opt for ``family`` on backbone ``cfg``."""
+    if family not in FAMILIES:
+        raise ValueError(f"family={family!r}; valid values: {', '.join(FAMILIES)}")
+    pos = bb.positions(cfg)
+    if cfg.arch == "densenet":
+        full = tpl.template_positions(tpl.PRESETS["densenet121"])
+        best = FusionStrategy(full, tuple(_decode(PAPER_BEST[_FAMILY_BEST[family]])))
+        return map_strategy(best, pos)
+    if cfg.arch == "mobilenetv2":
+        rows = _decode(_MOBILENET[family])
+        return FusionStrategy(pos, tuple(rows[int(p[1:].split(".")[0]) - 1] for p in pos))
+    units = []
+    for i, n in enumerate(cfg.depths):
+        if family == "ucf":
+            units += [S_ST] * n
+        elif i == 2 and (family == "k400" or n == len(_RXT101_C4["ss"])):
+            units += map_units(_decode(_RXT101_C4[family]), n)
+        elif family == "ss":
+            units += [ST if i == 2 else S_ST] * n
+        else:  # k400: S+ST early, the stage-3 pattern, ST at the top
+            units += [ST if i == len(cfg.depths) - 1 else S_ST] * n
+    return FusionStrategy(pos, tuple(units))
+
+
+def from_template(analysis_dir: str, cfg: bb.BackboneConfig) -> FusionStrategy:
+    """``opt``: a template's Opt (same positions) or its marginals mapped by depth."""
+    pos = bb.positions(cfg)
+    opt_path = os.path.join(analysis_dir, "opt_strategy.json")
+    marg_path = os.path.join(analysis_dir, "marginals.json")
+    if os.path.exists(opt_path):
+        opt = FusionStrategy.load(opt_path)
+        if tuple(opt.positions) == pos and "none" not in opt.units:
+            return opt
+    if not os.path.exists(marg_path):
+        raise FileNotFoundError(f"{marg_path} missing: run --mode=analyze on the template first")
+    with open(marg_path) as f:
+        rows = json.load(f)
+    return from_marginals([[r["S"], r["ST"], r["S+ST"]] for r in rows], pos,
+                          [r["position"] for r in rows])
+
+
+def resolve(spec: str, cfg: bb.BackboneConfig, family: str = "ss",
+            analysis_dir: str | None = None) -> FusionStrategy:
+    """A FusionStrategy for backbone ``cfg`` from a spec string (see module docstring)."""
+    pos = bb.positions(cfg)
+    if spec in (S, ST, S_ST):
+        return FusionStrategy.uniform(pos, spec)
+    if spec == "paper":
+        return paper_rule(cfg, family)
+    if spec == "opt":
+        if not analysis_dir:
+            raise ValueError("spec 'opt' needs the template's analysis directory")
+        return from_template(analysis_dir, cfg)
+    if os.path.exists(spec):
+        st = FusionStrategy.load(spec)
+        if tuple(st.positions) != pos:
+            raise ValueError(f"{spec}: its positions do not match the backbone's "
+                             f"({pos[0]} ... {pos[-1]})")
+        return st
+    units = [u.strip() for u in spec.split(",")]
+    bad = [u for u in units if u not in UNITS[:3]]
+    if bad:
+        raise ValueError(f"strategy spec {spec!r}: valid specs are S, ST, S+ST, paper, opt, a "
+                         "FusionStrategy JSON path or a comma-separated unit list (units S, ST, S+ST)")
+    stages = list(dict.fromkeys(bb.stage_of(p) for p in pos))
+    if len(units) == len(pos):
+        return FusionStrategy(pos, tuple(units))
+    if len(units) == len(stages):
+        per_stage = dict(zip(stages, units))
+        return FusionStrategy(pos, tuple(per_stage[bb.stage_of(p)] for p in pos))
+    raise ValueError(f"strategy spec {spec!r} has {len(units)} units; give one per stage "
+                     f"({len(stages)}: {', '.join(stages)}) or one per position ({len(pos)})")
