@@ -16,6 +16,7 @@ batches of ``--frames`` frames per clip:
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -99,11 +100,16 @@ def main():
         "decode_only": decode_only(files, args.frames, args.batch),
     }
     # Two cores are noisy: alternate the pipelines over several rounds and keep the median.
+    # Each measurement gets a fresh iterator, deleted afterwards: a live iterator keeps
+    # refilling its prefetch and parallel-map buffers in the background and would steal
+    # cores from the pipeline measured next.
     runs = {name: [] for name in cases}
-    iters = {name: iter(ds) for name, ds in cases.items()}
     for r in range(args.rounds):
         for name in (list(cases) if r % 2 == 0 else list(cases)[::-1]):
-            runs[name].append(clips_per_second(iters[name], args.batches, args.batch))
+            it = iter(cases[name])
+            runs[name].append(clips_per_second(it, args.batches, args.batch))
+            del it
+            gc.collect()
     out = {name: round(float(sorted(v)[len(v) // 2]), 1) for name, v in runs.items()}
     print(json.dumps({
         "clips_per_second": out,
