@@ -1,4 +1,4 @@
-"""Training-step throughput of the template vs a plain Conv3D, in one run.
+"""Training-step throughput of the template (and 3D backbones) vs a plain Conv3D, in one run.
 
 Prints one JSON object: for each case the clips/s of a full training step
 (forward, backward, SGD update; v-DropPath gates on), the analytic FLOPs of that
@@ -8,6 +8,7 @@ way, which shows what this TF build reaches on this CPU for dense 3D convolution
 
     .venv/bin/python benchmarks/train_step.py                 # small + full preset
     .venv/bin/python benchmarks/train_step.py --cases small   # quicker
+    .venv/bin/python benchmarks/train_step.py --cases resnet50,mobilenetv2   # backbones (S+ST)
 """
 
 from __future__ import annotations
@@ -25,8 +26,12 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+from stfusion_tf.model import backbones as B  # noqa: E402
 from stfusion_tf.model import gates as G  # noqa: E402
 from stfusion_tf.model import template as T  # noqa: E402
+from stfusion_tf.model.layers3d import DepthwiseConv3D  # noqa: E402
+
+_CONVS = (keras.layers.Conv3D, DepthwiseConv3D)
 
 
 def forward_flops(model) -> float:
@@ -37,6 +42,8 @@ def forward_flops(model) -> float:
             out = layer._stfusion_out_shape
             k = np.prod(layer.kernel_size) * layer.kernel.shape[-2]
             total += 2 * np.prod(out[1:]) * k
+        elif isinstance(layer, DepthwiseConv3D):
+            total += 2 * np.prod(layer._stfusion_out_shape[1:]) * layer.kernel_size ** 2
         elif isinstance(layer, keras.layers.Dense):
             total += 2 * layer.kernel.shape[0] * layer.kernel.shape[1]
     return float(total)
@@ -45,7 +52,7 @@ def forward_flops(model) -> float:
 def _record_shapes(model, x):
     """Runs one forward pass recording each Conv3D's output shape."""
     convs = [l for l in model._flatten_layers(include_self=False, recursive=True)
-             if isinstance(l, keras.layers.Conv3D)]
+             if isinstance(l, _CONVS)]
     originals = {}
     for c in convs:
         originals[c] = c.call
@@ -106,7 +113,11 @@ def plain_conv3d(shape, filters):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--cases", default="small,full", help="comma list of: tiny, small, full")
+    ap.add_argument("--cases", default="small,full", help="comma list of: tiny, small, full, "
+                    "or backbone presets (" + ", ".join(B.PRESETS) + ")")
+    ap.add_argument("--backbone_frames", type=int, default=8)
+    ap.add_argument("--backbone_crop", type=int, default=112)
+    ap.add_argument("--backbone_batch", type=int, default=2)
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--full_batch", type=int, default=1)
     ap.add_argument("--full_frames", type=int, default=16)
@@ -115,6 +126,16 @@ def main():
     results = []
     keras.utils.set_random_seed(0)
     for case in args.cases.split(","):
+        if case in B.PRESETS:
+            tiny = case.endswith("_tiny")
+            cfg = B.preset(case, num_frames=args.backbone_frames,
+                           crop_size=32 if tiny else args.backbone_crop)
+            model = B.build_backbone(cfg, B.FusionStrategy.uniform(B.positions(cfg), "S+ST"), 174)
+            results.append(run_case(f"backbone_{case}_S+ST", model, 8 if tiny else args.backbone_batch,
+                                    args.steps * (4 if tiny else 1)))
+            del model
+            keras.backend.clear_session()
+            continue
         if case in ("tiny", "small"):
             cfg = T.preset(case)
             batch, steps = 8, args.steps * 4
@@ -122,7 +143,8 @@ def main():
             cfg = T.preset("densenet121", num_frames=args.full_frames, crop_size=args.full_crop)
             batch, steps = args.full_batch, args.steps
         else:
-            raise SystemExit(f"unknown case {case!r}; valid: tiny, small, full")
+            raise SystemExit(f"unknown case {case!r}; valid: tiny, small, full, "
+                             f"{', '.join(B.PRESETS)}")
         model = T.build_template(cfg, 174, T.GateConfig(dataset_size=86017, length_scale=250))
         G.set_enabled(G.gate_layers(model), True)
         results.append(run_case(f"template_{case}", model, batch, steps))

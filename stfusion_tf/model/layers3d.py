@@ -75,7 +75,8 @@ class DepthwiseConv3D(keras.layers.Layer):
     """Depthwise 1 x k x k convolution of [B, T, H, W, C]: a 2D depthwise conv per frame.
 
     Equivalent to ``Conv3D(C, (1, k, k), groups=C)``, which TF runs on CPU only
-    through XLA and about 5x slower; the kernel has DepthwiseConv2D's shape
+    through XLA: a ``mobilenetv2_tiny`` training step took 466 ms with it and 70 ms
+    with this layer (batch 8, 8x32x32 clips, 2 cores); the kernel has DepthwiseConv2D's shape
     [k, k, C, 1], so 2D weights load as they are.
     """
 
