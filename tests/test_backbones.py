@@ -191,10 +191,15 @@ def test_inflated_network_on_identical_frames_equals_the_2d_network(name, overri
                                    atol=2e-4 * np.abs(logits2d).max())
 
 
-def test_inflation_skips_a_classifier_of_another_size_and_refuses_resnext():
+def test_inflation_from_a_local_weights_file_skips_a_classifier_of_another_size(tmp_path):
     cfg = B.preset("densenet121", num_frames=2, crop_size=32)
+    model2d = I.keras_2d_model(cfg, 10)
+    path = str(tmp_path / "densenet121_2d.weights.h5")
+    model2d.save_weights(path)
     model3d = B.build_backbone(cfg, R.resolve("S+ST", cfg), 7)
-    report = I.inflate_from_keras(model3d, cfg, num_classes_2d=10)
-    assert report["skipped"] and "classifier" not in str(report["missing"])
+    report = I.inflate_from_keras(model3d, cfg, weights=path, num_classes_2d=10)
+    assert report["skipped"] and "predictions" in report["skipped"][0]
+    k2 = np.asarray(model2d.get_layer("conv1_conv").kernel)  # 7x7 stem -> 5x7x7, / 5
+    np.testing.assert_allclose(model3d.get_layer("stem_conv").kernel[2], k2 / 5, rtol=1e-6)
     with pytest.raises(ValueError, match="no 2D ResNeXt"):
         I.keras_2d_model(B.preset("resnext50"), 10)

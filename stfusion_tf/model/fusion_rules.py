@@ -8,7 +8,8 @@ A strategy spec (``--backbone_strategies``) is one of
   ``ucf`` (UCF101).  DenseNet121 uses the paper's best sampled strategy of
   Fig. 4 (mapped by relative depth onto a smaller DenseNet);
 * ``opt``: from a trained template's analysis: its Opt strategy where the
-  backbone has the template's positions (DenseNet, as the paper did), otherwise
+  backbone has the template's positions (DenseNet, as the paper did) and Opt
+  drops no position entirely (``none``), otherwise
   the template's layer-level marginals mapped by relative depth and the most
   probable unit taken at each position;
 * a comma-separated list of units, one per stage (or row) or one per position;
