@@ -124,6 +124,8 @@ flags.DEFINE_enum("fusion_family", "auto", ["auto", "ss", "k400", "ucf"], "Datas
                   "the paper's hand rules (auto: from --dataset).")
 flags.DEFINE_integer("generalize_epochs", 0, "Epochs of each --mode=generalize network (0: "
                      "--epochs); every backbone and strategy gets the same budget.", lower_bound=0)
+flags.DEFINE_integer("generalize_seeds", 1, "Training runs (seeds 0..N-1) per --mode=generalize "
+                     "cell; the table reports mean and standard deviation.", lower_bound=1)
 flags.DEFINE_integer("backbone_temporal_stride", 1, "Temporal stride of the backbones' stem "
                      "(2 in the authors' Kinetics/UCF networks).", lower_bound=1)
 flags.DEFINE_string("inflate_weights", None, "Local weights file of the keras.applications 2D "
@@ -338,7 +340,8 @@ def run_generalize(data_dir, model_dir):
                              f"{', '.join(backbones.PRESETS)}")
     try:
         runs = generalization.plan(FLAGS.backbones, FLAGS.backbone_strategies, _family(),
-                                   os.path.join(model_dir, "analysis"), **_backbone_overrides())
+                                   os.path.join(model_dir, "analysis"), FLAGS.generalize_seeds,
+                                   **_backbone_overrides())
     except (ValueError, FileNotFoundError) as e:
         raise app.UsageError(f"--backbone_strategies: {e}") from None
 
@@ -347,14 +350,15 @@ def run_generalize(data_dir, model_dir):
     train_cfg = dataclasses.replace(_train_cfg(), epochs=epochs, warmup_epochs=0,
                                     lr_steps=tuple(e for e in _train_cfg().lr_steps if e < epochs))
 
-    def train_one(cfg, strategy, run_dir):
+    def train_one(cfg, strategy, run_dir, seed):
         def model_fn(num_classes, sync):
             model = backbones.build_backbone(cfg, strategy, num_classes, synchronized_bn=sync)
             if FLAGS.inflate_weights:
                 inflation.inflate_from_keras(model, cfg, FLAGS.inflate_weights)
             return model
         summary = training.train(run_dir, data_dir, _template_cfg(), _gate_cfg(), _input_cfg(),
-                                 train_cfg, distribution=FLAGS.distribution, tpu=FLAGS.tpu,
+                                 dataclasses.replace(train_cfg, seed=FLAGS.seed + seed),
+                                 distribution=FLAGS.distribution, tpu=FLAGS.tpu,
                                  data_service=FLAGS.data_service, eval_split=FLAGS.report_split,
                                  verbose=FLAGS.verbose, model_fn=model_fn, model_file="model.keras")
         return summary, summary["params_trainable"]

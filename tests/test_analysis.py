@@ -167,9 +167,9 @@ def test_generalization_trains_each_network_once_and_resumes(tmp_path):
     runs = GZ.plan(["resnet_tiny"], ["S+ST", "S+ST,S+ST,S+ST,S+ST", "S"], "ss", str(tmp_path))
     calls = []
 
-    def train(cfg, st, run_dir):
+    def train(cfg, st, run_dir, seed):
         calls.append(st.code())
-        acc = 0.9 if st.units[0] == "S+ST" else 0.4
+        acc = (0.9 if st.units[0] == "S+ST" else 0.4) - 0.1 * seed
         return {"steps": 1, "eval": {"test": {"clip_top1": acc, "video_top1": acc,
                                               "num_videos": 8}}}, 1000
 
@@ -181,3 +181,11 @@ def test_generalization_trains_each_network_once_and_resumes(tmp_path):
     calls.clear()
     assert GZ.run(str(tmp_path), runs, train, log=lambda *a: None)["results"] == table["results"]
     assert calls == []
+    # Two seeds per cell: each network trained twice, mean and std reported.
+    runs2 = GZ.plan(["resnet_tiny"], ["S+ST", "S"], "ss", str(tmp_path), seeds=2)
+    table = GZ.run(str(tmp_path / "two"), runs2, train, log=lambda *a: None)
+    assert calls == ["F|F|F|F", "F|F|F|F", "S|S|S|S", "S|S|S|S"]
+    cell = next(c for c in table["cells"] if c["spec"] == "S+ST")
+    assert cell["seeds"] == 2 and cell["video_top1"] == pytest.approx(0.85)
+    assert cell["video_top1_std"] == pytest.approx(np.std([0.9, 0.8], ddof=1))
+    assert "85.0 ± 7.1" in (tmp_path / "two/analysis/generalization.md").read_text()

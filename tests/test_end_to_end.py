@@ -11,7 +11,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--synthetic_train=32", "--synthetic_val=8", "--synthetic_test=8", "--synthetic_frames=10",
         "--batch_size=4", "--steps_per_epoch=3", "--warmup_epochs=1", "--num_samples=6",
-        "--recalibrate_batches=2", "--backbones=", "--generalize_epochs=1", "--verbose=0"]
+        "--recalibrate_batches=2", "--backbones=", "--generalize_epochs=1", "--generalize_seeds=1",
+        "--verbose=0"]
 
 
 def _main(tmp_path, *args):

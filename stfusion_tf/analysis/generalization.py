@@ -13,6 +13,8 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
+
 from stfusion_tf.data import records
 from stfusion_tf.model import backbones as bb
 from stfusion_tf.model import fusion_rules
@@ -24,15 +26,18 @@ def _label(spec: str) -> str:
     return LABELS.get(spec, os.path.basename(spec))
 
 
-def plan(backbones, specs, family: str, analysis_dir: str, **overrides) -> list[dict]:
-    """Resolves every (backbone, spec) to a strategy up front, so bad specs fail before training."""
+def plan(backbones, specs, family: str, analysis_dir: str, seeds: int = 1,
+         **overrides) -> list[dict]:
+    """Resolves every (backbone, spec) to a strategy up front, so bad specs fail before
+    training; each is trained ``seeds`` times (training seeds 0 .. seeds-1)."""
     runs = []
     for name in backbones:
         cfg = bb.preset(name, **overrides)
         for spec in specs:
             st = fusion_rules.resolve(spec, cfg, family, analysis_dir)
-            runs.append({"backbone": name, "spec": spec, "config": cfg, "strategy": st,
-                         "key": f"{name}|{spec}|{st.key()}"})
+            for seed in range(seeds):
+                runs.append({"backbone": name, "spec": spec, "config": cfg, "strategy": st,
+                             "seed": seed, "key": f"{name}|{spec}|{st.key()}|{seed}"})
     return runs
 
 
@@ -50,7 +55,7 @@ def _read_done(path: str) -> dict:
 
 
 def run(model_dir: str, runs: list[dict], train_fn, log=print) -> dict:
-    """``train_fn(config, strategy, run_dir) -> (summary, params)`` trains one network."""
+    """``train_fn(config, strategy, run_dir, seed) -> (summary, params)`` trains one network."""
     out = os.path.join(model_dir, "analysis")
     os.makedirs(out, exist_ok=True)
     jsonl = os.path.join(out, "generalization.jsonl")
@@ -59,7 +64,7 @@ def run(model_dir: str, runs: list[dict], train_fn, log=print) -> dict:
     with open(jsonl, "a") as f:
         for i, r in enumerate(runs):
             st = r["strategy"]
-            net = (r["backbone"], st.key())
+            net = (r["backbone"], st.key(), r["seed"])
             if r["key"] in done:
                 results.append(done[r["key"]])
                 trained.setdefault(net, done[r["key"]])
@@ -68,12 +73,15 @@ def run(model_dir: str, runs: list[dict], train_fn, log=print) -> dict:
                 results.append({**trained[net], "key": r["key"], "spec": r["spec"],
                                 "same_as": trained[net]["spec"]})
                 continue
-            log(f"[generalize] {i + 1}/{len(runs)}: {r['backbone']} {_label(r['spec'])} {st.code()}")
+            log(f"[generalize] {i + 1}/{len(runs)}: {r['backbone']} {_label(r['spec'])} "
+                f"{st.code()} seed {r['seed']}")
             run_dir = os.path.join(model_dir, "generalize", r["backbone"],
                                    r["spec"].replace("+", "_plus_").replace(os.sep, "_"))
-            summary, params = train_fn(r["config"], st, run_dir)
+            if r["seed"]:
+                run_dir += f"_seed{r['seed']}"
+            summary, params = train_fn(r["config"], st, run_dir, r["seed"])
             ev = next(iter(summary["eval"].values()))
-            row = {"key": r["key"], "backbone": r["backbone"], "spec": r["spec"],
+            row = {"key": r["key"], "backbone": r["backbone"], "spec": r["spec"], "seed": r["seed"],
                    "code": st.code(), "counts": st.counts(), "params": params,
                    "steps": summary["steps"], **{k: ev[k] for k in
                                                  ("clip_top1", "video_top1", "num_videos")}}
@@ -84,38 +92,58 @@ def run(model_dir: str, runs: list[dict], train_fn, log=print) -> dict:
     return write_table(out, results, log)
 
 
+def _cell(rows: list[dict]) -> dict:
+    """Mean (and sample std over seeds) of one backbone x spec cell."""
+    v = np.array([r["video_top1"] for r in rows])
+    c = np.array([r["clip_top1"] for r in rows])
+    return {"video_top1": float(v.mean()), "clip_top1": float(c.mean()), "seeds": len(rows),
+            "video_top1_std": float(v.std(ddof=1)) if len(rows) > 1 else None,
+            "same_as": rows[0].get("same_as")}
+
+
 def write_table(out: str, results: list[dict], log=print) -> dict:
     backbones = list(dict.fromkeys(r["backbone"] for r in results))
     specs = list(dict.fromkeys(r["spec"] for r in results))
-    cell = {(r["backbone"], r["spec"]): r for r in results}
+    groups: dict = {}
+    for r in results:
+        groups.setdefault((r["backbone"], r["spec"]), []).append(r)
+    cells = {k: _cell(v) for k, v in groups.items()}
+    n_seeds = max(c["seeds"] for c in cells.values())
+    seeds_note = (f" Mean ± standard deviation over {n_seeds} training seeds per cell."
+                  if n_seeds > 1 else " One training run per cell: expect several points of "
+                  "run-to-run noise on small data (`--generalize_seeds` repeats each cell).")
     lines = ["# Generalisation: fusion strategies on other backbones (paper Table 6)", "",
              "Each network trained stand-alone with the template's recipe and budget; "
-             "video-level top-1 (clip-level in brackets) on the reporting split.", "",
+             "video-level top-1 (clip-level in brackets) on the reporting split." + seeds_note, "",
              "| backbone | " + " | ".join(_label(s) for s in specs) + " |",
              "|---|" + "---|" * len(specs)]
     for b in backbones:
         row = []
         for s in specs:
-            r = cell.get((b, s))
-            if r is None:
+            c = cells.get((b, s))
+            if c is None:
                 row.append("–")
                 continue
-            same = f" = {_label(r['same_as'])}" if r.get("same_as") else ""
-            row.append(f"{100 * r['video_top1']:.1f} ({100 * r['clip_top1']:.1f}){same}")
+            std = f" ± {100 * c['video_top1_std']:.1f}" if c["video_top1_std"] is not None else ""
+            same = f" = {_label(c['same_as'])}" if c["same_as"] else ""
+            row.append(f"{100 * c['video_top1']:.1f}{std} ({100 * c['clip_top1']:.1f}){same}")
         lines.append(f"| {b} | " + " | ".join(row) + " |")
     lines += ["", "| backbone | strategy | code | S / ST / S+ST units | trainable params |",
               "|---|---|---|---|---|"]
-    for r in results:
+    for (b, spec), rows in groups.items():
+        r = rows[0]
         c = r["counts"]
-        lines.append(f"| {r['backbone']} | {_label(r['spec'])} | `{r['code']}` | "
+        lines.append(f"| {b} | {_label(spec)} | `{r['code']}` | "
                      f"{c['S']} / {c['ST']} / {c['S+ST']} | {r['params']:,} |")
-    table = {"backbones": backbones, "specs": specs, "results": results}
+    table = {"backbones": backbones, "specs": specs, "results": results,
+             "cells": [{"backbone": b, "spec": s, **c} for (b, s), c in cells.items()]}
     records.write_json_atomic(os.path.join(out, "generalization.json"), table)
     tmp = os.path.join(out, "generalization.md.tmp")
     with open(tmp, "w") as f:
         f.write("\n".join(lines) + "\n")
     os.replace(tmp, os.path.join(out, "generalization.md"))
-    _tensorboard(os.path.join(os.path.dirname(out), "tensorboard", "generalize"), lines, results)
+    _tensorboard(os.path.join(os.path.dirname(out), "tensorboard", "generalize"), lines,
+                 table["cells"])
     return table
 
 
