@@ -39,20 +39,11 @@ def run(model_dir: str, positions, k: int, train_fn, log=print) -> dict:
     path = os.path.join(out, "ranking.jsonl")
     if not os.path.exists(path):
         raise FileNotFoundError(f"{path} missing: run --mode=analyze first")
-    with open(path) as f:
-        rows = [json.loads(l) for l in f if l.strip()]
+    rows, _ = records.read_jsonl(path)
     ranked = sorted(rows, key=lambda r: (-r["video_top1"], -r["clip_top1"], r["index"]))
     chosen = pick(ranked, k)
-    done = {}
     jsonl = os.path.join(out, "fidelity.jsonl")
-    if os.path.exists(jsonl):
-        with open(jsonl) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                    done[r["key"]] = r
-                except json.JSONDecodeError:
-                    pass
+    done = {r["key"]: r for r in records.read_jsonl(jsonl)[0]}
     results = []
     with open(jsonl, "a") as f:
         for i, r in enumerate(chosen):

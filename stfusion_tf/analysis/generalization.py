@@ -41,25 +41,12 @@ def plan(backbones, specs, family: str, analysis_dir: str, seeds: int = 1,
     return runs
 
 
-def _read_done(path: str) -> dict:
-    done = {}
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                    done[r["key"]] = r
-                except (json.JSONDecodeError, KeyError):
-                    pass  # a torn last line from an interrupted run
-    return done
-
-
 def run(model_dir: str, runs: list[dict], train_fn, log=print) -> dict:
     """``train_fn(config, strategy, run_dir, seed) -> (summary, params)`` trains one network."""
     out = os.path.join(model_dir, "analysis")
     os.makedirs(out, exist_ok=True)
     jsonl = os.path.join(out, "generalization.jsonl")
-    done = _read_done(jsonl)
+    done = {r["key"]: r for r in records.read_jsonl(jsonl)[0] if "key" in r}
     results, trained = [], {}
     with open(jsonl, "a") as f:
         for i, r in enumerate(runs):

@@ -25,6 +25,7 @@ import numpy as np
 import tensorflow as tf
 
 from stfusion_tf import evaluation
+from stfusion_tf.data import records
 from stfusion_tf.model import gates as gates_lib
 from stfusion_tf.model.strategy import FusionStrategy
 from stfusion_tf.model.template import TemplateGates
@@ -135,24 +136,15 @@ def rank(scorer: StrategyScorer, positions, drop_rates, num: int, seed: int,
     sorted best first (video top-1, then clip top-1).
     """
     fp = _fingerprint(drop_rates, seed, num)
-    done: dict[int, dict] = {}
-    if os.path.exists(jsonl_path):
-        with open(jsonl_path) as f:
-            lines = f.read().splitlines()
-        for line in lines:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash: its strategy is scored again
-            if row.get("fingerprint") == fp:
-                done[row["index"]] = row
-        if len(done) < len([l for l in lines if l.strip()]):
-            # Stale rows from other drop rates/seed or a torn line: rewrite cleanly.
-            tmp = jsonl_path + ".tmp"
-            with open(tmp, "w") as f:
-                for row in done.values():
-                    f.write(json.dumps(row) + "\n")
-            os.replace(tmp, jsonl_path)
+    rows, torn = records.read_jsonl(jsonl_path)  # a torn line's strategy is scored again
+    done = {row["index"]: row for row in rows if row.get("fingerprint") == fp}
+    if torn or len(done) < len(rows):
+        # Stale rows from other drop rates/seed or a torn line: rewrite cleanly.
+        tmp = jsonl_path + ".tmp"
+        with open(tmp, "w") as f:
+            for row in done.values():
+                f.write(json.dumps(row) + "\n")
+        os.replace(tmp, jsonl_path)
     if done:
         log(f"resuming ranking: {len(done)}/{num} strategies already scored")
     strategies = sample_strategies(positions, drop_rates, num, seed)

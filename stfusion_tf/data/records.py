@@ -100,6 +100,29 @@ def write_json_atomic(path: str, obj) -> None:
     os.replace(tmp, path)
 
 
+def read_jsonl(path: str) -> tuple[list[dict], int]:
+    """Rows of an append-only JSONL results file and the number of torn lines.
+
+    A run killed mid-write leaves a cut last line; it is skipped (and counted) so
+    the caller re-does that row.  A missing file reads as empty.
+    """
+    rows, torn = [], 0
+    if os.path.exists(path):
+        with open(path) as f:
+            for line in f:
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    row = None
+                if isinstance(row, dict):
+                    rows.append(row)
+                else:
+                    torn += 1
+    return rows, torn
+
+
 def read_manifest(data_dir: str) -> dict:
     """Reads ``manifest.json`` from a local directory or a URL (via tf.io.gfile)."""
     import tensorflow as tf
