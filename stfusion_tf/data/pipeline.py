@@ -257,12 +257,6 @@ def _records(files, training: bool, seed, stats: InputStats | None = None, expec
     return ds.filter(lambda r, n: n < 0).map(lambda r, n: r)
 
 
-def _shard_files(data_dir: str, split: str) -> list[str]:
-    if "://" in data_dir:
-        import tensorflow_io  # noqa: F401  registers http(s)/s3 filesystems
-    return records.shard_paths(data_dir, split)
-
-
 def train_dataset(data_dir: str, split: str, cfg: InputConfig, repeat: bool = True,
                   data_service: str | None = None,
                   stats: InputStats | None = None) -> tf.data.Dataset:
@@ -271,16 +265,19 @@ def train_dataset(data_dir: str, split: str, cfg: InputConfig, repeat: bool = Tr
     With ``data_service`` (grpc://host:port) the pipeline runs on tf.data service
     workers; ``stats`` (local pipelines only) counts clips dropped as corrupt.
     """
-    files = _shard_files(data_dir, split)
-    expected = None if (stats is None or data_service) else records.shard_clip_counts(data_dir, split)
-    ds = _records(files, True, cfg.seed, None if data_service else stats, expected)
+    manifest = records.read_manifest(data_dir)  # also registers tensorflow-io for URLs
+    files = records.shard_paths(data_dir, split, manifest)
+    if data_service:
+        stats = None
+    expected = None if stats is None else records.shard_clip_counts(data_dir, split, manifest)
+    ds = _records(files, True, cfg.seed, stats, expected)
     ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed)
     if repeat:
         ds = ds.repeat()
 
     def prep(serialized):  # parse + preprocess in one map: one function call per clip
         enc, label, _ = parse_clip(serialized)
-        if stats is None or data_service:
+        if stats is None:  # tf.data service workers cannot update these counters
             return preprocess_train(enc, cfg), label
         with tf.control_dependencies([stats.attempted.assign_add(1)]):
             frames = preprocess_train(enc, cfg)
@@ -304,7 +301,7 @@ def eval_dataset(data_dir: str, split: str, cfg: InputConfig) -> tf.data.Dataset
     Each video yields ``num_clips * num_crops`` consecutive views that share a
     video index; average their scores for video-level accuracy.
     """
-    ds = _records(_shard_files(data_dir, split), False, None)
+    ds = _records(records.shard_paths(data_dir, split), False, None)
     ds = ds.map(parse_clip, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.enumerate()
     n_views = cfg.num_clips * cfg.num_crops
