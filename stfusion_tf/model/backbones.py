@@ -31,8 +31,9 @@ import keras
 
 from stfusion_tf.model import template as tpl
 from stfusion_tf.model.normalization import PixelNormalization
-from stfusion_tf.model.layers3d import TEMPORAL_PADDINGS, DepthwiseConv3D, Pad3D, same_padding
-from stfusion_tf.model.strategy import NONE, S, S_ST, ST, UNIT_TO_KEEP, UNITS, FusionStrategy  # noqa: F401
+from stfusion_tf.model.layers3d import (TEMPORAL_PADDINGS, DepthwiseConv3D, Pad3D,
+                                        pad_for_temporal_kernel, same_padding)
+from stfusion_tf.model.strategy import S, S_ST, ST, UNIT_TO_KEEP, UNITS, FusionStrategy  # noqa: F401
 
 ARCHS = ("resnet", "mobilenetv2", "densenet")
 #: MobileNetV2's (expansion t, channels c, repeats n, stride s) rows.
@@ -157,10 +158,8 @@ class _Builder:
         if keep_s:
             branches.append(self.conv(x, filters, (1, 1, 1), f"{name}_s", strides))
         if keep_t:
-            if self.cfg.temporal_padding == "zeros":  # "same" pads time only: no extra op
-                branches.append(self.conv(x, filters, (3, 1, 1), f"{name}_t", strides, padding="same"))
-            else:
-                branches.append(self.conv(x, filters, (3, 1, 1), f"{name}_t", strides, pad=(1, 0, 0)))
+            t, padding = pad_for_temporal_kernel(x, 3, self.cfg.temporal_padding, f"{name}_t_pad")
+            branches.append(self.conv(t, filters, (3, 1, 1), f"{name}_t", strides, padding=padding))
         if len(branches) == 1:
             return branches[0]
         return keras.layers.Add(name=f"{name}_sum")(branches)
@@ -258,13 +257,7 @@ def build_backbone(cfg: BackboneConfig, strategy: FusionStrategy, num_classes: i
     Input: clips [B, T, H, W, 3] of float pixel values in [0, 255]; output: logits.
     """
     pos = positions(cfg)
-    if tuple(strategy.positions) != pos:
-        raise ValueError(f"the strategy has {len(strategy)} positions ({strategy.positions[:2]}...); "
-                         f"this backbone has {len(pos)} ({pos[0]} ... {pos[-1]}); "
-                         "build one with fusion_rules.resolve")
-    if NONE in strategy.units:
-        raise ValueError("backbones cannot hold the unit 'none' (both branches dropped) at "
-                         f"{strategy.positions[strategy.units.index(NONE)]}; valid units: S, ST, S+ST")
+    strategy.check_buildable(pos, f"{cfg.arch} backbone")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     name = name or f"{cfg.arch}3d"

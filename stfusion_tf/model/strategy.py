@@ -140,6 +140,19 @@ class FusionStrategy:
         c = collections.Counter(self.units)
         return {u: c.get(u, 0) for u in UNITS}
 
+    def check_buildable(self, positions: Sequence[str], network: str) -> None:
+        """Raises unless a network without gates (``network`` names it in the message)
+        can be built from this strategy: the same positions, and no ``none`` unit."""
+        positions = tuple(positions)
+        if self.positions != positions:
+            raise ValueError(f"the strategy has {len(self)} positions ({self.positions[0]} ... "
+                             f"{self.positions[-1]}); the {network} has {len(positions)} "
+                             f"({positions[0]} ... {positions[-1]}); build one with "
+                             "fusion_rules.resolve")
+        if NONE in self.units:
+            raise ValueError(f"the {network} cannot hold the unit 'none' (both branches dropped) "
+                             f"at {self.positions[self.units.index(NONE)]}; valid units: S, ST, S+ST")
+
     def __getitem__(self, position: str) -> str:
         return self.units[self.positions.index(position)]
 

@@ -28,8 +28,8 @@ import keras
 
 from stfusion_tf.model.gates import VariationalDropPath, gate_layers
 from stfusion_tf.model.normalization import PixelNormalization
-from stfusion_tf.model.layers3d import TEMPORAL_PADDINGS, Pad3D
-from stfusion_tf.model.strategy import NONE, UNIT_TO_KEEP, FusionStrategy
+from stfusion_tf.model.layers3d import TEMPORAL_PADDINGS, Pad3D, pad_for_temporal_kernel
+from stfusion_tf.model.strategy import UNIT_TO_KEEP, FusionStrategy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,8 +111,8 @@ def _bn(name, synchronized=False):
                                            synchronized=synchronized)
 
 
-def _conv(filters, kernel, name, strides=(1, 1, 1)):
-    return keras.layers.Conv3D(filters, kernel, strides=strides, padding="same",
+def _conv(filters, kernel, name, strides=(1, 1, 1), padding="same"):
+    return keras.layers.Conv3D(filters, kernel, strides=strides, padding=padding,
                                use_bias=False, kernel_initializer="he_normal", name=name)
 
 
@@ -123,19 +123,11 @@ def _gate(layer, gate: GateConfig, name, noise="path"):
         length_scale=gate.length_scale, dataset_size=gate.dataset_size, name=name)
 
 
-def _temporal_conv(x, conv, kt, mode, name):
-    """Applies ``conv`` (a (kt,1,1) kernel, possibly gated) with the configured padding."""
-    if kt > 1 and mode == "replicate":
-        x = Pad3D(time=kt // 2, temporal=mode, name=f"{name}_tpad")(x)
-    return conv(x)
-
-
 def _fusion_unit(x, position, filters, gate: GateConfig, sync=False, unit=None, tpad="zeros"):
     """The two branches of one position, summed: gated (``unit=None``) or the kept ones."""
     k = _key(position)
     s_name, t_name = _gate_names(position)
     keep_s, keep_t = UNIT_TO_KEEP[unit] if unit else (1, 1)
-    t_padding = "valid" if tpad == "replicate" else "same"
     branches = []
     if keep_s:
         s = keras.layers.ReLU(name=f"{k}_s_relu")(_bn(f"{k}_s_bn", sync)(x))
@@ -143,10 +135,9 @@ def _fusion_unit(x, position, filters, gate: GateConfig, sync=False, unit=None, 
         branches.append((conv if unit else _gate(conv, gate, s_name))(s))
     if keep_t:
         t = keras.layers.ReLU(name=f"{k}_t_relu")(_bn(f"{k}_t_bn", sync)(x))
-        conv = keras.layers.Conv3D(filters, (3, 1, 1), padding=t_padding, use_bias=False,
-                                   kernel_initializer="he_normal", name=f"{k}_t_conv")
-        branches.append(_temporal_conv(t, conv if unit else _gate(conv, gate, t_name), 3, tpad,
-                                       f"{k}_t"))
+        t, padding = pad_for_temporal_kernel(t, 3, tpad, f"{k}_t_tpad")
+        conv = _conv(filters, (3, 1, 1), f"{k}_t_conv", padding=padding)
+        branches.append((conv if unit else _gate(conv, gate, t_name))(t))
     if len(branches) == 1:
         return branches[0]
     return keras.layers.Add(name=f"{k}_sum")(branches)
@@ -173,12 +164,7 @@ def build_template(config: TemplateConfig, num_classes: int,
     positions = template_positions(config)
     units = dict.fromkeys(positions)
     if strategy is not None:
-        if tuple(strategy.positions) != positions:
-            raise ValueError(f"strategy positions ({len(strategy)}) do not match the template "
-                             f"layout ({len(positions)} positions: {positions[0]} ... {positions[-1]})")
-        if NONE in strategy.units:
-            raise ValueError("a gate-free network cannot hold the unit 'none' (both branches "
-                             f"dropped) at {strategy.positions[strategy.units.index(NONE)]}")
+        strategy.check_buildable(positions, "template layout")
         units = dict(zip(strategy.positions, strategy.units))
     tpad = config.temporal_padding
     inputs = keras.Input((config.num_frames, config.crop_size, config.crop_size, 3), name="clip")
