@@ -347,8 +347,9 @@ def run_generalize(data_dir, model_dir):
 
     import dataclasses
     epochs = FLAGS.generalize_epochs or FLAGS.epochs
-    train_cfg = dataclasses.replace(_train_cfg(), epochs=epochs, warmup_epochs=0,
-                                    lr_steps=tuple(e for e in _train_cfg().lr_steps if e < epochs))
+    train_cfg = _train_cfg()
+    train_cfg = dataclasses.replace(train_cfg, epochs=epochs, warmup_epochs=0,
+                                    lr_steps=tuple(e for e in train_cfg.lr_steps if e < epochs))
 
     def train_one(cfg, strategy, run_dir, seed):
         def model_fn(num_classes, sync):
