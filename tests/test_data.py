@@ -142,6 +142,22 @@ def test_train_pipeline_shapes_and_labels(motion_dir):
     assert 20 < float(tf.reduce_mean(tf.cast(x, tf.float32))) < 235
 
 
+def test_train_crop_is_a_window_of_consecutive_decoded_frames(motion_dir):
+    rec = _records(motion_dir, "val")[2]
+    enc, _, _ = pipeline.parse_clip(rec)
+    full = np.stack([tf.io.decode_jpeg(e).numpy() for e in enc.numpy()])  # [16, 40, 40, 3]
+    cfg = pipeline.InputConfig(num_frames=6, stride=2, crop_size=24, min_short_side=40,
+                               max_short_side=40, seed=3)
+    for _ in range(3):
+        clip = pipeline.preprocess_train(enc, cfg).numpy()
+        hits = [(t, y, x) for t in range(16 - 10) for y in range(17) for x in range(17)
+                if np.array_equal(clip, full[t:t + 12:2, y:y + 24, x:x + 24])]
+        assert len(hits) == 1
+    # With scale jitter the window is resized to the crop size.
+    jit = pipeline.InputConfig(num_frames=6, crop_size=24, min_short_side=44, max_short_side=60)
+    assert pipeline.preprocess_train(enc, jit).shape == (6, 24, 24, 3)
+
+
 def test_eval_views_are_grouped_per_video(motion_dir):
     cfg = pipeline.InputConfig(num_clips=2, num_crops=3, temporal_pool=True, batch_size=5)
     xs, ys, vs = [], [], []
@@ -225,9 +241,25 @@ def test_corrupt_records_are_counted_and_do_not_stop_reading(tmp_path):
     assert stats.lost_records == 4 and stats.dropped == 0
     # A second pass counts again (per pass, per shard).
     assert sum(1 for _ in ds) == 8 and stats.lost_records == 8
+    # Repeated at the file level, reads of one shard overlap in the interleave;
+    # every read still counts only its own records (4 per read of shard 0).
+    stats = pipeline.InputStats()
+    ds = pipeline.train_dataset(str(tmp_path), "train", cfg, stats=stats)
+    assert sum(1 for _ in ds.take(40)) == 40
+    assert stats.lost_records > 0 and stats.lost_records % 4 == 0
     # Evaluation goes on with what it can read.
     vids = {int(v) for _, _, v in pipeline.eval_dataset(str(tmp_path), "val", cfg).unbatch()}
     assert len(vids) == 2
+
+
+def test_repeated_healthy_shards_lose_nothing(motion_dir):
+    # 3 shards in a cycle of 3, repeated: the next epoch's read of a shard starts
+    # while the last one is still being read.
+    stats = pipeline.InputStats()
+    ds = pipeline.train_dataset(motion_dir, "train", pipeline.InputConfig(batch_size=8, shuffle_buffer=4),
+                                stats=stats)
+    assert sum(1 for _ in ds.take(60)) == 60  # 10 epochs
+    assert stats.lost_records == 0 and stats.dropped == 0
 
 
 def test_segment_sampling_takes_one_frame_per_segment(motion_dir):
