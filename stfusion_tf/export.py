@@ -13,7 +13,8 @@ Both are plain ``tf.Module`` SavedModels in TF-Serving layout
                            gate is dropped with its learned p, as the authors
                            sampled strategies.
 
-``classifier_<strategy>`` signatures
+``classifier_<strategy>`` (the strategy's gate-free network, see
+``classifier_network``) signatures
   ``serving_default(clips uint8 [B,T,H,W,3])`` -> probabilities [B,C],
       top_k_indices / top_k_names [B,k]; resize of the short side, centre crop,
       central window of the model's frame count (repeated if the clip is
@@ -32,8 +33,8 @@ import numpy as np
 import tensorflow as tf
 
 from stfusion_tf.model import gates as gates_lib
-from stfusion_tf.model.strategy import UNITS, FusionStrategy
-from stfusion_tf.model.template import TemplateGates
+from stfusion_tf.model.strategy import NONE, UNITS, FusionStrategy
+from stfusion_tf.model.template import TemplateConfig, TemplateGates, strategy_network
 
 # keep_S + 2 * keep_T -> unit code (none, S, ST, S+ST).
 _KEEP_TO_CODE = [3, 0, 1, 2]
@@ -139,18 +140,35 @@ def strategy_classifier(model, strategy: FusionStrategy):
     return model
 
 
+def classifier_network(model, strategy: FusionStrategy, template_config: TemplateConfig | None):
+    """The network that serves ``strategy``: its gate-free DenseNet-3D
+    (``template.strategy_network``) when the template's config is known and the
+    strategy has no ``none`` unit (which a gate-free network cannot hold);
+    otherwise the template with the strategy's masks baked in.  Both give the
+    same outputs; the first without the dropped branches' weights and FLOPs."""
+    if template_config is not None and NONE not in strategy.units:
+        return strategy_network(model, template_config, strategy)
+    return strategy_classifier(model, strategy)
+
+
 def export_classifier(model, strategy: FusionStrategy, name: str, label_map, export_dir: str,
-                      eval_short_side: int, version: int = 1) -> str:
-    """Writes the classifier through Keras' ``ExportArchive``.
+                      eval_short_side: int, template_config: TemplateConfig | None = None,
+                      version: int = 1, log=None) -> str:
+    """Writes the classifier of ``strategy`` (``classifier_network``) through Keras'
+    ``ExportArchive``.
 
     (A plain ``tf.Module`` holding a Keras 3 model loads with TF2's
     ``tf.saved_model.load`` but not with the TF1 loader that ``saved_model_cli
     run`` and TF Serving use: "Could not find variable ...".)
     """
-    strategy_classifier(model, strategy)
-    mod = Classifier(model, label_map, eval_short_side)
+    network = classifier_network(model, strategy, template_config)
+    if log:
+        kind = "template with masks" if network is model else "gate-free DenseNet-3D"
+        log(f"classifier_{name}: {kind}, {network.count_params():,} parameters "
+            f"(template {model.count_params():,})")
+    mod = Classifier(network, label_map, eval_short_side)
     archive = keras.export.ExportArchive()
-    archive.track(model)
+    archive.track(network)
     archive.add_endpoint("serving_default", mod.serve_uint8)
     archive.add_endpoint("preprocessed", mod.serve_float)
     path = os.path.join(export_dir, f"classifier_{name}", str(version))

@@ -307,7 +307,8 @@ def run_export(data_dir, model_dir, export_dir):
     manifest = records.read_manifest(data_dir)
     p1 = export.export_probability_space(model, export_dir)
     p2 = export.export_classifier(model, strategy, name, manifest["label_map"], export_dir,
-                                  FLAGS.eval_short_side)
+                                  FLAGS.eval_short_side, training.load_template_config(model_dir),
+                                  log=lambda m: print(f"[export] {m}"))
     print(f"[export] {p1}\n[export] {p2}")
 
 

@@ -353,6 +353,7 @@ def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
                "steps_per_epoch": steps, "dataset_size": n_train, "history": history,
                "params_trainable": int(sum(np.prod(v.shape) for v in model.trainable_weights))}
     if positions is not None:
+        summary["template_config"] = dataclasses.asdict(template_cfg)
         summary["drop_rates"] = tpl.TemplateGates(model, positions).drop_rates().tolist()
         summary["positions"] = list(positions)
     if not chief:
@@ -372,6 +373,17 @@ def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
                 f"{expected} videos could not be read (corrupt) and were not scored")
     records.write_json_atomic(os.path.join(model_dir, "train_summary.json"), summary)
     return summary
+
+
+def load_template_config(model_dir: str) -> tpl.TemplateConfig | None:
+    """The TemplateConfig the template in ``model_dir`` was trained with (None for
+    runs older than this record)."""
+    path = os.path.join(model_dir, "train_summary.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        d = json.load(f).get("template_config")
+    return None if d is None else tpl.TemplateConfig.from_dict(d)
 
 
 def load_template(model_dir: str) -> keras.Model:

@@ -46,6 +46,11 @@ def test_mode_all_then_resume(tmp_path):
         assert (run / rel).exists(), rel
     summary = json.loads((run / "train_summary.json").read_text())
     assert summary["steps"] == 6
+    # The export rebuilt the Opt network from the recorded template config.
+    assert "template_config" in summary and "[export] classifier_opt: " in out
+    opt = json.loads((run / "analysis/opt_strategy.json").read_text())
+    kind = "template with masks" if "none" in opt["units"] else "gate-free DenseNet-3D"
+    assert f"classifier_opt: {kind}" in out
     report = (run / "analysis/report.md").read_text()
     assert "Opt vs uniform" in report and "B4.L2" in report
     assert "BatchNorm re-calibration" in report and "Kendall" in report

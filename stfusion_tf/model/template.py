@@ -66,6 +66,11 @@ class TemplateConfig:
     def bottleneck_width(self) -> int:
         return self.bn_size * self.growth_rate
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "TemplateConfig":
+        """Inverse of ``dataclasses.asdict`` after a JSON round trip (lists -> tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
 
 PRESETS = {
     # The paper's template (3D DenseNet-121, "v1d3" in the authors' code).
@@ -236,6 +241,19 @@ def transfer_template_weights(template: keras.Model, network: keras.Model) -> in
         layer.set_weights(values)
         copied += 1
     return copied
+
+
+def strategy_network(template: keras.Model, config: TemplateConfig, strategy: FusionStrategy,
+                     name: str = "densenet3d") -> keras.Model:
+    """The gate-free network of ``strategy`` carrying ``template``'s weights.
+
+    It computes what the template computes with that strategy's masks in
+    inference, without the dropped branches' parameters and FLOPs and without
+    gates: the network to deploy.  ``config`` is the template's own config.
+    """
+    net = build_template(config, int(template.output_shape[-1]), strategy=strategy, name=name)
+    transfer_template_weights(template, net)
+    return net
 
 
 class TemplateGates:
