@@ -376,13 +376,11 @@ def run_summary():
     cfg = dataclasses.replace(_template_cfg(), num_frames=_input_cfg().model_frames,
                               crop_size=FLAGS.crop_size)
     model = template.build_template(cfg, FLAGS.num_classes, _gate_cfg())
-    trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
-    total = model.count_params()
+    counts = backbones.count_params(model)
     kernels = int(sum(np.prod(v.shape) for v in model.weights if v.path.endswith("kernel")))
     out = {"preset": FLAGS.preset, "input": list(model.input_shape[1:]),
            "num_classes": FLAGS.num_classes, "positions": len(template.template_positions(cfg)),
-           "params_total": total, "params_trainable": trainable,
-           "params_conv_fc_kernels": kernels, "backbones": []}
+           **counts, "params_conv_fc_kernels": kernels, "backbones": []}
     for name in FLAGS.backbones:
         bcfg = backbones.preset(name, **_backbone_overrides())
         pos = backbones.positions(bcfg)

@@ -32,6 +32,7 @@ import tensorflow as tf
 from stfusion_tf import evaluation
 from stfusion_tf.analysis import marginals as marg
 from stfusion_tf.data import pipeline, records
+from stfusion_tf.model import backbones
 from stfusion_tf.model import gates as gates_lib
 from stfusion_tf.model import template as tpl
 
@@ -351,7 +352,7 @@ def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
     summary = {"epochs": cfg.epochs, "steps": int(model.optimizer.iterations.numpy()),
                "replicas": strategy.num_replicas_in_sync, "chief": chief,
                "steps_per_epoch": steps, "dataset_size": n_train, "history": history,
-               "params_trainable": int(sum(np.prod(v.shape) for v in model.trainable_weights))}
+               **backbones.count_params(model)}
     if positions is not None:
         summary["template_config"] = dataclasses.asdict(template_cfg)
         summary["drop_rates"] = tpl.TemplateGates(model, positions).drop_rates().tolist()
