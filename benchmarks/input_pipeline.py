@@ -75,7 +75,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data_dir", default=None, help="existing dataset (default: generate one)")
     ap.add_argument("--clip_frames", type=int, default=48, help="frames per generated clip")
-    ap.add_argument("--size", type=int, default=128, help="frame side of generated clips")
+    ap.add_argument("--size", type=int, default=128, help="frame side of the clips (generated, or those in --data_dir)")
     ap.add_argument("--clips", type=int, default=96)
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--crop", type=int, default=112)
@@ -87,14 +87,15 @@ def main():
                     help="scale jitter: our short side drawn from [short, short + jitter] "
                          "(0: no resize, crop only; Model Garden always crops and resizes)")
     args = ap.parse_args()
-    data_dir = args.data_dir or os.path.join(tempfile.gettempdir(), "stfusion_bench_input")
+    data_dir = args.data_dir or os.path.join(  # one folder per generated dataset shape
+        tempfile.gettempdir(), f"stfusion_bench_input_{args.clips}x{args.clip_frames}x{args.size}px")
     if args.data_dir is None:
         synthetic.prepare_synthetic(data_dir, synthetic.SyntheticSpec(
             num_train=args.clips, num_val=2, num_test=2, num_frames=args.clip_frames,
             size=args.size, clips_per_shard=24), log=lambda *a: None)
     manifest = records.read_manifest(data_dir)
     files = records.shard_paths(data_dir, "train", manifest)
-    short = min(args.size, 128)
+    short = args.size  # the stored short side (generated clips are square)
     cfg = pipeline.InputConfig(num_frames=args.frames, crop_size=args.crop, min_short_side=short,
                                shuffle_buffer=args.shuffle_buffer,
                                max_short_side=short + args.jitter, eval_short_side=short,
