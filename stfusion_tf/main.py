@@ -358,12 +358,11 @@ def run_generalize(data_dir, model_dir):
             if FLAGS.inflate_weights:
                 inflation.inflate_from_keras(model, cfg, FLAGS.inflate_weights)
             return model
-        summary = training.train(run_dir, data_dir, _template_cfg(), _gate_cfg(), _input_cfg(),
-                                 dataclasses.replace(train_cfg, seed=FLAGS.seed + seed),
-                                 distribution=FLAGS.distribution, tpu=FLAGS.tpu,
-                                 data_service=FLAGS.data_service, eval_split=FLAGS.report_split,
-                                 verbose=FLAGS.verbose, model_fn=model_fn, model_file="model.keras")
-        return summary, summary["params_trainable"]
+        return training.train(run_dir, data_dir, _template_cfg(), _gate_cfg(), _input_cfg(),
+                              dataclasses.replace(train_cfg, seed=FLAGS.seed + seed),
+                              distribution=FLAGS.distribution, tpu=FLAGS.tpu,
+                              data_service=FLAGS.data_service, eval_split=FLAGS.report_split,
+                              verbose=FLAGS.verbose, model_fn=model_fn, model_file="model.keras")
 
     table = generalization.run(model_dir, runs, train_one, log=logging.info)
     print(f"[generalize] {model_dir}/analysis/generalization.md: {len(table['results'])} networks")

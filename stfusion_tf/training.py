@@ -363,14 +363,14 @@ def train(model_dir: str, data_dir: str, template_cfg: tpl.TemplateConfig,
         return summary
     save_model_atomic(model, os.path.join(model_dir, model_file))
     if eval_split:
-        views = manifest["splits"][eval_split]["num_clips"] * input_cfg.num_clips * input_cfg.num_crops
-        summary["eval"] = {eval_split: evaluation.evaluate(
-            model, pipeline.eval_dataset(data_dir, eval_split, input_cfg), views,
-            progress_stream=sys.stderr if verbose else None)}
-        log(f"{eval_split}: {json.dumps(summary['eval'][eval_split])}")
         expected = manifest["splits"][eval_split]["num_clips"]
-        if summary["eval"][eval_split]["num_videos"] < expected:
-            log(f"[input] {eval_split}: {expected - summary['eval'][eval_split]['num_videos']} of "
+        views = expected * input_cfg.num_clips * input_cfg.num_crops
+        result = evaluation.evaluate(model, pipeline.eval_dataset(data_dir, eval_split, input_cfg),
+                                     views, progress_stream=sys.stderr if verbose else None)
+        summary["eval"] = {eval_split: result}
+        log(f"{eval_split}: {json.dumps(result)}")
+        if result["num_videos"] < expected:
+            log(f"[input] {eval_split}: {expected - result['num_videos']} of "
                 f"{expected} videos could not be read (corrupt) and were not scored")
     records.write_json_atomic(os.path.join(model_dir, "train_summary.json"), summary)
     return summary

@@ -65,8 +65,7 @@ def test_mask_scoring_equals_the_fixed_strategy_network(scorer, motion_dir):
     if "none" in st.units:  # a gate-free network cannot express "none"
         st = FusionStrategy(st.positions, tuple("S+ST" if u == "none" else u for u in st.units))
     via_mask = scorer.score(st)
-    fixed_model = T.build_template(T.preset("tiny"), 4, strategy=st)
-    T.transfer_template_weights(scorer.model, fixed_model)
+    fixed_model = T.strategy_network(scorer.model, T.preset("tiny"), st)
     fixed = evaluation.evaluate(fixed_model, pipeline.eval_dataset(
         motion_dir, "val", pipeline.InputConfig(batch_size=8)))
     assert via_mask["video_top1"] == fixed["video_top1"]
@@ -170,8 +169,8 @@ def test_generalization_trains_each_network_once_and_resumes(tmp_path):
     def train(cfg, st, run_dir, seed):
         calls.append(st.code())
         acc = (0.9 if st.units[0] == "S+ST" else 0.4) - 0.1 * seed
-        return {"steps": 1, "eval": {"test": {"clip_top1": acc, "video_top1": acc,
-                                              "num_videos": 8}}}, 1000
+        return {"steps": 1, "params_trainable": 1000,
+                "eval": {"test": {"clip_top1": acc, "video_top1": acc, "num_videos": 8}}}
 
     table = GZ.run(str(tmp_path), runs, train, log=lambda *a: None)
     assert calls == ["F|F|F|F", "S|S|S|S"]  # the per-stage spec is the same network as S+ST

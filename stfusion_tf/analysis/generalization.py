@@ -42,7 +42,8 @@ def plan(backbones, specs, family: str, analysis_dir: str, seeds: int = 1,
 
 
 def run(model_dir: str, runs: list[dict], train_fn, log=print) -> dict:
-    """``train_fn(config, strategy, run_dir, seed) -> (summary, params)`` trains one network."""
+    """``train_fn(config, strategy, run_dir, seed) -> summary`` trains one network
+    (``training.train``'s summary: ``eval``, ``steps``, ``params_trainable``)."""
     out = os.path.join(model_dir, "analysis")
     os.makedirs(out, exist_ok=True)
     jsonl = os.path.join(out, "generalization.jsonl")
@@ -66,10 +67,10 @@ def run(model_dir: str, runs: list[dict], train_fn, log=print) -> dict:
                                    r["spec"].replace("+", "_plus_").replace(os.sep, "_"))
             if r["seed"]:
                 run_dir += f"_seed{r['seed']}"
-            summary, params = train_fn(r["config"], st, run_dir, r["seed"])
+            summary = train_fn(r["config"], st, run_dir, r["seed"])
             ev = next(iter(summary["eval"].values()))
             row = {"key": r["key"], "backbone": r["backbone"], "spec": r["spec"], "seed": r["seed"],
-                   "code": st.code(), "counts": st.counts(), "params": params,
+                   "code": st.code(), "counts": st.counts(), "params": summary["params_trainable"],
                    "steps": summary["steps"], **{k: ev[k] for k in
                                                  ("clip_top1", "video_top1", "num_videos")}}
             f.write(json.dumps(row) + "\n")

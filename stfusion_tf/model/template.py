@@ -178,9 +178,8 @@ def build_template(config: TemplateConfig, num_classes: int,
     kt, kh, kw = config.stem_kernel
     x = PixelNormalization(name="input_norm")(inputs)
     x = Pad3D(kt // 2, kh // 2, kw // 2, temporal=tpad, name="stem_pad")(x)
-    x = keras.layers.Conv3D(config.init_features, config.stem_kernel,
-                            strides=(t_stride, s_stride, s_stride), padding="valid",
-                            use_bias=False, kernel_initializer="he_normal", name="stem_conv")(x)
+    x = _conv(config.init_features, config.stem_kernel, "stem_conv",
+              strides=(t_stride, s_stride, s_stride), padding="valid")(x)
     x = keras.layers.ReLU(name="stem_relu")(_bn("stem_bn", sync)(x))
     # Zero padding after ReLU is max-pooling's -inf padding.
     x = Pad3D(1, 1, 1, name="stem_pool_pad")(x)
