@@ -13,7 +13,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export PIP_USE_PEP517 = 1
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: env demo test bench clean-env
+.PHONY: env demo test test-fast bench clean-env
 
 env: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# Skips the files tests.bzl lists as SLOW (end-to-end, distributed, export, entry point).
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py

@@ -1,4 +1,27 @@
-"""pytest_test: one py_test per test file, run through pytest."""
+"""pytest_test: one py_test per test file, run through pytest.
+
+FAST and SLOW are the one definition of which test files are slow: BUILD sizes
+SLOW files "large", and tests/conftest.py marks every test in them `slow`, which
+`make test-fast` (pytest -m "not slow") skips.
+"""
+
+FAST = [
+    "strategy",
+    "gates",
+    "template",
+    "backbones",
+    "analysis",
+    "data",
+    "convert",
+    "stack",
+]
+
+SLOW = [
+    "main",
+    "export",
+    "end_to_end",
+    "distributed",
+]
 
 def pytest_test(name, src, support, deps, size = "medium"):
     native.py_test(
@@ -7,7 +30,7 @@ def pytest_test(name, src, support, deps, size = "medium"):
         srcs = ["tests/bazel_pytest.py", src] + support,
         main = "tests/bazel_pytest.py",
         args = ["$(location %s)" % src],
-        data = native.glob(["configs/*.flags"]) + ["setup.cfg"],
+        data = native.glob(["configs/*.flags"]) + ["setup.cfg", "tests.bzl"],
         python_version = "PY3",
         deps = deps,
     )

@@ -26,15 +26,15 @@ Both are plain ``tf.Module`` SavedModels in TF-Serving layout
 from __future__ import annotations
 
 import os
-import shutil
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from stfusion_tf import files
 from stfusion_tf.model import gates as gates_lib
 from stfusion_tf.model.strategy import NONE, UNITS, FusionStrategy
-from stfusion_tf.model.template import TemplateConfig, TemplateGates, strategy_network
+from stfusion_tf.model.template import Template, TemplateGates, strategy_network
 
 # keep_S + 2 * keep_T -> unit code (none, S, ST, S+ST).
 _KEEP_TO_CODE = [3, 0, 1, 2]
@@ -113,13 +113,9 @@ class Classifier(tf.Module):
 
 
 def _save(module, path, signatures):
-    """Writes to a temporary folder and renames: no half-written export."""
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tf.saved_model.save(module, tmp, signatures=signatures)
-    shutil.rmtree(path, ignore_errors=True)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    os.replace(tmp, path)
+    """Writes through ``files.atomic_path``: no half-written export."""
+    with files.atomic_path(path) as tmp:
+        tf.saved_model.save(module, tmp, signatures=signatures)
     return path
 
 
@@ -140,20 +136,20 @@ def strategy_classifier(model, strategy: FusionStrategy):
     return model
 
 
-def classifier_network(model, strategy: FusionStrategy, template_config: TemplateConfig | None):
+def classifier_network(model, strategy: FusionStrategy):
     """The network that serves ``strategy``: its gate-free DenseNet-3D
-    (``template.strategy_network``) when the template's config is known and the
-    strategy has no ``none`` unit (which a gate-free network cannot hold);
-    otherwise the template with the strategy's masks baked in.  Both give the
-    same outputs; the first without the dropped branches' weights and FLOPs."""
-    if template_config is not None and NONE not in strategy.units:
-        return strategy_network(model, template_config, strategy)
+    (``template.strategy_network``) when the strategy has no ``none`` unit (which
+    a gate-free network cannot hold) and the model is a ``Template`` (not a
+    functional model saved by an older version); otherwise the template with
+    the strategy's masks baked in.  Both give the same outputs; the first
+    without the dropped branches' weights and FLOPs."""
+    if isinstance(model, Template) and NONE not in strategy.units:
+        return strategy_network(model, strategy)
     return strategy_classifier(model, strategy)
 
 
 def export_classifier(model, strategy: FusionStrategy, name: str, label_map, export_dir: str,
-                      eval_short_side: int, template_config: TemplateConfig | None = None,
-                      version: int = 1, log=None) -> str:
+                      eval_short_side: int, version: int = 1, log=None) -> str:
     """Writes the classifier of ``strategy`` (``classifier_network``) through Keras'
     ``ExportArchive``.
 
@@ -161,7 +157,7 @@ def export_classifier(model, strategy: FusionStrategy, name: str, label_map, exp
     ``tf.saved_model.load`` but not with the TF1 loader that ``saved_model_cli
     run`` and TF Serving use: "Could not find variable ...".)
     """
-    network = classifier_network(model, strategy, template_config)
+    network = classifier_network(model, strategy)
     if log:
         kind = "template with masks" if network is model else "gate-free DenseNet-3D"
         log(f"classifier_{name}: {kind}, {network.count_params():,} parameters "
@@ -172,9 +168,6 @@ def export_classifier(model, strategy: FusionStrategy, name: str, label_map, exp
     archive.add_endpoint("serving_default", mod.serve_uint8)
     archive.add_endpoint("preprocessed", mod.serve_float)
     path = os.path.join(export_dir, f"classifier_{name}", str(version))
-    tmp = path + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    archive.write_out(tmp, verbose=False)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    with files.atomic_path(path) as tmp:
+        archive.write_out(tmp, verbose=False)
     return path

@@ -6,7 +6,32 @@ import sys
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import re  # noqa: E402
+
 import pytest  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bazel_test_lists() -> dict:
+    """FAST and SLOW of tests.bzl: the one definition of which test files are slow."""
+    path = os.path.join(ROOT, "tests.bzl")
+    if not os.path.exists(path):
+        return {"FAST": [], "SLOW": []}
+    with open(path) as f:
+        text = f.read()
+    out = {}
+    for name in ("FAST", "SLOW"):
+        body = re.search(rf"^{name} = \[(.*?)\]", text, re.S | re.M).group(1)
+        out[name] = [f"test_{n}.py" for n in re.findall(r'"(\w+)"', body)]
+    return out
+
+
+def pytest_collection_modifyitems(config, items):
+    slow = set(bazel_test_lists()["SLOW"])
+    for item in items:
+        if item.path.name in slow:
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -65,7 +65,7 @@ def test_mask_scoring_equals_the_fixed_strategy_network(scorer, motion_dir):
     if "none" in st.units:  # a gate-free network cannot express "none"
         st = FusionStrategy(st.positions, tuple("S+ST" if u == "none" else u for u in st.units))
     via_mask = scorer.score(st)
-    fixed_model = T.strategy_network(scorer.model, T.preset("tiny"), st)
+    fixed_model = T.strategy_network(scorer.model, st)
     fixed = evaluation.evaluate(fixed_model, pipeline.eval_dataset(
         motion_dir, "val", pipeline.InputConfig(batch_size=8)))
     assert via_mask["video_top1"] == fixed["video_top1"]

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from stfusion_tf.errors import UserError
 from stfusion_tf.model import backbones as B
 from stfusion_tf.model import fusion_rules as R
 from stfusion_tf.model import inflation as I
@@ -121,7 +122,7 @@ def test_opt_from_a_template_analysis(tmp_path):
     assert R.resolve("opt", B.preset("resnet_tiny"), analysis_dir=str(tmp_path)).code() == "F|F|T|T"
     assert R.resolve("opt", B.preset("mobilenetv2"), analysis_dir=str(tmp_path)).code() == \
         "F|FF|FFF|FTTT|TTT|TTT|T"
-    with pytest.raises(FileNotFoundError, match="analyze"):
+    with pytest.raises(UserError, match="analyze"):
         R.resolve("opt", B.preset("resnet_tiny"), analysis_dir=str(tmp_path / "nothing"))
 
 

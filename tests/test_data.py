@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from stfusion_tf.errors import UserError
 from stfusion_tf.data import pipeline, records, synthetic
 
 
@@ -63,8 +64,8 @@ def test_crash_leaves_nothing_that_looks_complete_and_rerun_resumes(tmp_path, mo
         synthetic.prepare_synthetic(str(tmp_path), spec, log=lambda *a: None)
     names = sorted(os.listdir(tmp_path))
     assert "manifest.json" not in names
-    assert names[0] == "train-00000-of-00002.tfrecord"  # finished before the crash
-    assert all(n.endswith(".tmp") for n in names[1:])  # the cut shard never got its real name
+    # The shard finished before the crash stays; the cut one leaves nothing behind.
+    assert names == ["train-00000-of-00002.tfrecord"]
     done = os.path.getmtime(tmp_path / names[0])
     monkeypatch.setattr(records, "make_sequence_example", real)
     m = synthetic.prepare_synthetic(str(tmp_path), spec, log=lambda *a: None)
@@ -118,20 +119,62 @@ def test_synthetic_motion_class_is_only_in_the_motion():
     assert np.mean(pred == labels[test]) < 0.45
 
 
-def test_synthetic_appearance_class_is_in_single_frames():
+def _orientation_energy(frame):
+    """Spectral power of one frame by orientation (12 bins over 180 degrees),
+    normalised: the statistics that tell stripes, checkers and hexagonal dots apart."""
+    f = frame.astype(np.float32).mean(-1)
+    p = np.abs(np.fft.fft2(f - f.mean())) ** 2
+    n = p.shape[0]
+    k = np.fft.fftfreq(n) * n
+    ky, kx = np.meshgrid(k, k, indexing="ij")
+    band = (np.hypot(ky, kx) >= 2) & (np.hypot(ky, kx) <= n // 3)
+    angle = np.degrees(np.arctan2(ky, kx)) % 180
+    hist = np.bincount((angle[band] // 15).astype(int) % 12, weights=p[band], minlength=12)
+    return hist / hist.sum()
+
+
+def test_synthetic_appearance_class_is_in_single_frames_and_motion_is_not():
     spec = synthetic.SyntheticSpec(name="synthetic_appearance", num_classes=4)
-    clips = [synthetic.render_clip(spec, "train", i) for i in range(40)]
-    # Motion is independent of the class: direction classes spread over labels.
-    dirs = np.array([_direction_class(f) for f, _ in clips])
+    clips = [synthetic.render_clip(spec, "train", i) for i in range(160)]
     labels = np.array([c[1] for c in clips])
+    rng = np.random.default_rng(0)
+    # One random frame per clip: a nearest-centroid classifier on texture statistics
+    # tells the class.
+    feats = np.array([_orientation_energy(f[rng.integers(len(f))]) for f, _ in clips])
+    train, test = slice(0, 100), slice(100, 160)
+    cents = np.stack([feats[train][labels[train] == c].mean(0) for c in range(4)])
+    pred = np.argmin(((feats[test][:, None] - cents[None]) ** 2).sum(-1), axis=1)
+    assert np.mean(pred == labels[test]) > 0.9
+    # The drift of the texture is independent of the class: every class drifts several ways.
+    dirs = np.array([_direction_class(f) for f, _ in clips[:40]])
     for c in range(4):
-        assert len(set(dirs[labels == c])) > 1
-    # The shape's area differs by class in every single frame.
-    areas = {c: [] for c in range(4)}
-    for f, label in clips:
-        mask = synthetic._shape_mask(synthetic.SHAPES[label], 16)
-        areas[label].append(mask.sum())
-    assert len({round(np.mean(v)) for v in areas.values()}) == 4
+        assert len(set(dirs[:40][labels[:40] == c])) > 1
+    # A horizontal flip keeps the class (the configs may flip appearance data).
+    flipped = np.array([_orientation_energy(f[0][:, ::-1]) for f, _ in clips[100:]])
+    pred = np.argmin(((flipped[:, None] - cents[None]) ** 2).sum(-1), axis=1)
+    assert np.mean(pred == labels[test]) > 0.9
+
+
+def test_synthetic_fine_motion_is_visible_only_at_fine_scale():
+    spec = synthetic.SyntheticSpec(name="synthetic_fine_motion", num_classes=4)
+    clips = [synthetic.render_clip(spec, "train", i) for i in range(80)]
+    labels = np.array([c[1] for c in clips])
+    # At full resolution the drift gives the class ...
+    assert np.mean(np.array([_direction_class(f) for f, _ in clips]) == labels) > 0.95
+    # ... after 8x8 average pooling (the resolution of the template's upper layers) the
+    # texture has averaged out and its motion with it: at most chance.
+    def pool(f):
+        t, h, w, c = f.shape
+        return f.reshape(t, h // 8, 8, w // 8, 8, c).mean((2, 4))
+    pooled = np.array([_direction_class(pool(f.astype(np.float32))) for f, _ in clips])
+    assert np.mean(pooled == labels) < 0.45
+    # Single frames: a nearest-centroid classifier on 10x10 thumbnails is at chance.
+    rng = np.random.default_rng(0)
+    feats = np.array([f[rng.integers(len(f))].reshape(10, 4, 10, 4, 3).mean((1, 3)).ravel()
+                      for f, _ in clips])
+    cents = np.stack([feats[:50][labels[:50] == c].mean(0) for c in range(4)])
+    pred = np.argmin(((feats[50:][:, None] - cents[None]) ** 2).sum(-1), axis=1)
+    assert np.mean(pred == labels[50:]) < 0.5
 
 
 def test_train_pipeline_shapes_and_labels(motion_dir):
@@ -184,7 +227,7 @@ def test_pipeline_streams_shards_over_http(motion_dir):
 def test_bad_split_names_valid_ones(motion_dir):
     with pytest.raises(ValueError, match="valid splits: test, train, val"):
         records.shard_paths(motion_dir, "validation")
-    with pytest.raises(FileNotFoundError, match="run --mode=prepare"):
+    with pytest.raises(UserError, match="run --mode=prepare"):
         records.read_manifest(motion_dir + "/nope")
 
 

@@ -53,7 +53,6 @@ print(json.dumps(out))
 """
 
 
-@pytest.mark.slow
 def test_mirrored_two_cpus_matches_default_first_step():
     r = subprocess.run([sys.executable, "-c", MIRRORED], env=ENV, cwd=ROOT, capture_output=True,
                        text=True, timeout=600)
@@ -99,7 +98,6 @@ def tiny_data(tmp_path_factory):
     return d
 
 
-@pytest.mark.slow
 def test_multi_worker_mirrored_two_processes_on_loopback(tiny_data, tmp_path):
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
@@ -118,7 +116,6 @@ def test_multi_worker_mirrored_two_processes_on_loopback(tiny_data, tmp_path):
     assert not (tmp_path / "run" / "_worker_scratch" / "1").exists()
 
 
-@pytest.mark.slow
 def test_sigkill_mid_training_resumes_to_the_same_step_count(tiny_data, tmp_path):
     run = tmp_path / "run"
     args = ["--mode=train", "--epochs=5", "--steps_per_epoch=4", f"--model_dir={run}"]
@@ -142,7 +139,6 @@ def test_sigkill_mid_training_resumes_to_the_same_step_count(tiny_data, tmp_path
     assert len(summary["history"]["loss"]) < 5  # it resumed instead of starting over
 
 
-@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint(tiny_data, tmp_path):
     run = tmp_path / "run"
     base = ["--mode=train", "--warmup_epochs=1", f"--model_dir={run}"]

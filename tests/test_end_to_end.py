@@ -34,7 +34,6 @@ def _tags(event_dir):
     return tags
 
 
-@pytest.mark.slow
 def test_mode_all_then_resume(tmp_path):
     out = _main(tmp_path, "--mode=all", "--epochs=2")
     run = tmp_path / "run"

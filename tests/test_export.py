@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -48,7 +49,7 @@ def exported(tmp_path_factory):
     space = export.export_probability_space(model, str(root))
     logs = []
     clf = export.export_classifier(model, strategy, "opt", labels, str(root), eval_short_side=40,
-                                   template_config=T.preset("tiny"), log=logs.append)
+                                   log=logs.append)
     export.strategy_classifier(model, strategy)  # the reference: the template in mask mode
     return {"model": model, "gates": gates, "space": space, "classifier": clf, "root": root,
             "labels": labels, "strategy": strategy, "logs": logs}
@@ -57,15 +58,17 @@ def exported(tmp_path_factory):
 def test_classifier_is_the_gate_free_network_of_the_strategy(exported):
     model, strategy = exported["model"], exported["strategy"]
     assert "gate-free DenseNet-3D" in exported["logs"][0]
-    net = export.classifier_network(model, strategy, T.preset("tiny"))
+    net = export.classifier_network(model, strategy)
     assert net is not model and net.count_params() < model.count_params()
     assert not T.gate_layers(net)
     loaded = tf.saved_model.load(exported["classifier"])
     assert sum(int(np.prod(v.shape)) for v in loaded.variables) == net.count_params()
-    # Without the template's config, or with a "none" unit, the masked template serves.
-    assert export.classifier_network(model, strategy, None) is model
+    # A functional model without the Template's config (saved by an older version), or a
+    # strategy with a "none" unit: the masked template serves.
+    functional = keras.Model(model.inputs, model.outputs)
+    assert export.classifier_network(functional, strategy) is functional
     holes = FusionStrategy(strategy.positions, ("none",) + strategy.units[1:])
-    assert export.classifier_network(model, holes, T.preset("tiny")) is model
+    assert export.classifier_network(model, holes) is model
     export.strategy_classifier(model, strategy)  # back to the fixture's reference state
 
 

@@ -64,3 +64,38 @@ def test_summary_of_backbones_and_bad_backbone_names():
     r = _run("--mode=generalize", "--backbones=resnet_tiny", "--backbone_strategies=spatial",
              "--model_dir=/nonexistent")
     assert r.returncode != 0 and "Traceback" not in r.stderr and "valid specs" in r.stderr
+
+
+def test_flag_choices_are_the_library_tuples():
+    """flags.py writes its choice lists out (absl checks flags before TensorFlow loads);
+    each must equal the library tuple it stands for."""
+    from absl import flags as absl_flags
+    from stfusion_tf import distribution, flags, main, training  # noqa: F401  (defines flags)
+    from stfusion_tf.data import convert, pipeline, synthetic
+    from stfusion_tf.model import fusion_rules, gates
+    from stfusion_tf.model import template as tpl
+    library = {
+        "dataset": synthetic.DATASETS + convert.LAYOUTS,
+        "preset": tuple(tpl.PRESETS),
+        "sampling": pipeline.SAMPLINGS,
+        "num_crops": tuple(str(n) for n in pipeline.NUM_CROPS),
+        "regularizer": gates.REGULARIZERS,
+        "weight_term": gates.WEIGHT_TERMS,
+        "optimizer": training.OPTIMIZERS,
+        "gate_optimizer": training.GATE_OPTIMIZERS,
+        "distribution": distribution.DISTRIBUTIONS,
+        "fusion_family": ("auto",) + fusion_rules.FAMILIES,
+    }
+    FLAGS = absl_flags.FLAGS
+    for name, choices in library.items():
+        assert sorted(FLAGS[name].parser.enum_values) == sorted(choices), name
+    assert flags.SYNTHETIC == synthetic.DATASETS and flags.LAYOUTS == convert.LAYOUTS
+
+
+def test_every_test_file_is_listed_once_in_tests_bzl():
+    from conftest import bazel_test_lists
+    lists = bazel_test_lists()
+    listed = lists["FAST"] + lists["SLOW"]
+    here = sorted(f for f in os.listdir(os.path.dirname(__file__))
+                  if f.startswith("test_") and f.endswith(".py"))
+    assert sorted(listed) == here and len(set(listed)) == len(listed)

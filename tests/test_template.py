@@ -61,3 +61,18 @@ def test_full_densenet121_template_builds_and_matches_paper_size():
     assert abs(trainable - 21.4e6) < 0.05e6
     assert len(T.TemplateGates(model).positions) == 61
     assert len(G.gate_layers(model)) == 2 * 61 + 1
+
+
+def test_template_saves_and_reloads_as_a_template_that_knows_its_config(tmp_path):
+    import keras
+    cfg = T.preset("tiny", temporal_padding="replicate")
+    model = T.build_template(cfg, 3, T.GateConfig(dataset_size=7, length_scale=2.0))
+    path = str(tmp_path / "t.keras")
+    model.save(path)
+    loaded = keras.models.load_model(path)
+    assert isinstance(loaded, T.Template)
+    assert loaded.config == cfg and loaded.gate_config == model.gate_config
+    assert loaded.positions == T.template_positions(cfg) and loaded.num_classes == 3
+    st = T.FusionStrategy.uniform(loaded.positions, "ST")
+    net = T.strategy_network(loaded, st)
+    assert isinstance(net, T.Template) and net.strategy == st and not T.gate_layers(net)

@@ -10,12 +10,12 @@ appended to ``analysis/fidelity.jsonl`` so an interrupted run resumes.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from stfusion_tf.data import records
+from stfusion_tf import files
+from stfusion_tf.errors import UserError
 from stfusion_tf.model.strategy import FusionStrategy
 
 
@@ -38,14 +38,14 @@ def run(model_dir: str, positions, k: int, train_fn, log=print) -> dict:
     out = os.path.join(model_dir, "analysis")
     path = os.path.join(out, "ranking.jsonl")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} missing: run --mode=analyze first")
-    rows, _ = records.read_jsonl(path)
+        raise UserError(f"{path} missing: run --mode=analyze first")
+    rows, _ = files.read_jsonl(path)
     ranked = sorted(rows, key=lambda r: (-r["video_top1"], -r["clip_top1"], r["index"]))
     chosen = pick(ranked, k)
     jsonl = os.path.join(out, "fidelity.jsonl")
-    done = {r["key"]: r for r in records.read_jsonl(jsonl)[0]}
+    done = {r["key"]: r for r in files.read_jsonl(jsonl)[0]}
     results = []
-    with open(jsonl, "a") as f:
+    with files.JsonlAppender(jsonl) as f:
         for i, r in enumerate(chosen):
             if r["key"] in done:
                 results.append(done[r["key"]])
@@ -57,8 +57,7 @@ def run(model_dir: str, positions, k: int, train_fn, log=print) -> dict:
             row = {"key": r["key"], "index": r["index"], "code": r["code"],
                    "inherited_video_top1": r["video_top1"], "standalone_video_top1": ev["video_top1"],
                    "standalone_clip_top1": ev["clip_top1"], "steps": summary["steps"]}
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+            f.append(row)
             results.append(row)
     a = [r["inherited_video_top1"] for r in results]
     b = [r["standalone_video_top1"] for r in results]
@@ -77,7 +76,7 @@ def run(model_dir: str, positions, k: int, train_fn, log=print) -> dict:
         verdict = "Rank correlation undefined: the inherited-weight accuracies are all equal."
     report = {"num_strategies": len(results), "kendall_tau": tau, "spearman_rho": rho,
               "verdict": verdict, "strategies": results}
-    records.write_json_atomic(os.path.join(out, "fidelity.json"), report)
+    files.write_json(os.path.join(out, "fidelity.json"), report)
     lines = ["# Ranking fidelity: inherited weights vs stand-alone training", "",
              f"{len(results)} strategies spread over the inherited-weight ranking, each trained "
              f"stand-alone with the template's budget. {verdict}", "",
@@ -85,8 +84,5 @@ def run(model_dir: str, positions, k: int, train_fn, log=print) -> dict:
     for r in results:
         lines.append(f"| {r['index']} | {100 * r['inherited_video_top1']:.1f} | "
                      f"{100 * r['standalone_video_top1']:.1f} | `{r['code']}` |")
-    tmp = os.path.join(out, "fidelity.md.tmp")
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, os.path.join(out, "fidelity.md"))
+    files.write_text(os.path.join(out, "fidelity.md"), "\n".join(lines) + "\n")
     return report

@@ -10,12 +10,11 @@ table is written as ``generalization.md`` / ``.json`` and to TensorBoard.
 
 from __future__ import annotations
 
-import json
 import os
 
 import numpy as np
 
-from stfusion_tf.data import records
+from stfusion_tf import files
 from stfusion_tf.model import backbones as bb
 from stfusion_tf.model import fusion_rules
 
@@ -47,9 +46,9 @@ def run(model_dir: str, runs: list[dict], train_fn, log=print) -> dict:
     out = os.path.join(model_dir, "analysis")
     os.makedirs(out, exist_ok=True)
     jsonl = os.path.join(out, "generalization.jsonl")
-    done = {r["key"]: r for r in records.read_jsonl(jsonl)[0] if "key" in r}
+    done = {r["key"]: r for r in files.read_jsonl(jsonl)[0] if "key" in r}
     results, trained = [], {}
-    with open(jsonl, "a") as f:
+    with files.JsonlAppender(jsonl) as f:
         for i, r in enumerate(runs):
             st = r["strategy"]
             net = (r["backbone"], st.key(), r["seed"])
@@ -73,8 +72,7 @@ def run(model_dir: str, runs: list[dict], train_fn, log=print) -> dict:
                    "code": st.code(), "counts": st.counts(), "params": summary["params_trainable"],
                    "steps": summary["steps"], **{k: ev[k] for k in
                                                  ("clip_top1", "video_top1", "num_videos")}}
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+            f.append(row)
             results.append(row)
             trained[net] = row
     return write_table(out, results, log)
@@ -125,11 +123,8 @@ def write_table(out: str, results: list[dict], log=print) -> dict:
                      f"{c['S']} / {c['ST']} / {c['S+ST']} | {r['params']:,} |")
     table = {"backbones": backbones, "specs": specs, "results": results,
              "cells": [{"backbone": b, "spec": s, **c} for (b, s), c in cells.items()]}
-    records.write_json_atomic(os.path.join(out, "generalization.json"), table)
-    tmp = os.path.join(out, "generalization.md.tmp")
-    with open(tmp, "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(tmp, os.path.join(out, "generalization.md"))
+    files.write_json(os.path.join(out, "generalization.json"), table)
+    files.write_text(os.path.join(out, "generalization.md"), "\n".join(lines) + "\n")
     _tensorboard(os.path.join(os.path.dirname(out), "tensorboard", "generalize"), lines,
                  table["cells"])
     return table

@@ -94,3 +94,33 @@ def plot(positions: Sequence[str], drop_rates, best: FusionStrategy | None = Non
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
+
+
+def movement(drop_rates, initial: float, threshold: float = 1.0) -> dict:
+    """Have the drop rates left their initial value?  A gate counts as moved when its
+    logit is more than ``threshold`` from the initial one (from p = 0.1: p outside
+    [0.039, 0.232]).  If none moved, the marginals show the prior, not the data."""
+    p = np.clip(np.asarray(drop_rates, np.float64), 1e-7, 1 - 1e-7)
+    logit = np.log(p / (1 - p))
+    start = np.log(initial / (1 - initial))
+    moved = np.abs(logit - start) > threshold
+    n, k = int(moved.size), int(moved.sum())
+    lo, hi = float(p.min()), float(p.max())
+    if k == 0:
+        verdict = (f"No drop rate has left its initial value {initial:g} (all within one logit; "
+                   f"range {lo:.2f}-{hi:.2f}): the marginals show the prior, not the data.")
+    else:
+        verdict = (f"{k} of {n} branch drop rates moved more than one logit from their initial "
+                   f"{initial:g} (range {lo:.3f}-{hi:.3f}): the marginals reflect the data.")
+    return {"initial": initial, "moved": k, "gates": n, "min": lo, "max": hi, "verdict": verdict}
+
+
+def temporal_use(drop_rates) -> dict:
+    """Mean P(ST) + P(S+ST) (= the T branch's keep marginal) overall and in the lower and
+    upper half of the positions; and the same for the S branch."""
+    p = np.asarray(drop_rates, np.float64)
+    keep = keep_probability(p)
+    half = len(p) // 2
+    return {"T_use": float(keep[:, 1].mean()), "T_use_lower": float(keep[:half, 1].mean()),
+            "T_use_upper": float(keep[half:, 1].mean()), "S_use": float(keep[:, 0].mean()),
+            "mean_P_S": float(marginals(p)[:, 0].mean())}

@@ -16,8 +16,6 @@ scored on identical views.
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from typing import Callable
 
 import keras
@@ -25,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 
 from stfusion_tf import evaluation
-from stfusion_tf.data import records
+from stfusion_tf import files
 from stfusion_tf.model import gates as gates_lib
 from stfusion_tf.model.strategy import FusionStrategy
 from stfusion_tf.model.template import TemplateGates
@@ -136,20 +134,16 @@ def rank(scorer: StrategyScorer, positions, drop_rates, num: int, seed: int,
     sorted best first (video top-1, then clip top-1).
     """
     fp = _fingerprint(drop_rates, seed, num)
-    rows, torn = records.read_jsonl(jsonl_path)  # a torn line's strategy is scored again
+    rows, torn = files.read_jsonl(jsonl_path)  # a torn line's strategy is scored again
     done = {row["index"]: row for row in rows if row.get("fingerprint") == fp}
     if torn or len(done) < len(rows):
         # Stale rows from other drop rates/seed or a torn line: rewrite cleanly.
-        tmp = jsonl_path + ".tmp"
-        with open(tmp, "w") as f:
-            for row in done.values():
-                f.write(json.dumps(row) + "\n")
-        os.replace(tmp, jsonl_path)
+        files.rewrite_jsonl(jsonl_path, done.values())
     if done:
         log(f"resuming ranking: {len(done)}/{num} strategies already scored")
     strategies = sample_strategies(positions, drop_rates, num, seed)
     by_key = {row["key"]: row for row in done.values() if "duplicate_of" not in row}
-    with open(jsonl_path, "a") as f:
+    with files.JsonlAppender(jsonl_path) as f:
         for i, st in enumerate(strategies):
             if i in done:
                 continue
@@ -160,8 +154,7 @@ def rank(scorer: StrategyScorer, positions, drop_rates, num: int, seed: int,
                 row = {"index": i, "key": key, "code": st.code(), "units": list(st.units),
                        "counts": st.counts(), "fingerprint": fp, **scorer.score(st)}
                 by_key[key] = row
-            f.write(json.dumps(row) + "\n")
-            f.flush()
+            f.append(row)
             done[i] = row
             if (i + 1) % 10 == 0 or i + 1 == num:
                 log(f"ranked {i + 1}/{num}")

@@ -1,6 +1,7 @@
 """``--mode=analyze``: from a trained template to a readable report.
 
-Writes into ``<model_dir>/analysis/``: ``marginals.{json,csv,png}``,
+Writes into ``<model_dir>/analysis/``: ``marginals.{json,csv,png}``, ``summary.json``
+(everything below in one file, with whether the drop rates moved),
 ``ranking.jsonl`` (one scored strategy per line, resumable),
 ``opt_strategy.json`` (the best sampled strategy, a FusionStrategy),
 ``comparison.json`` (Opt vs uniform S / ST / S+ST on the reporting split),
@@ -11,15 +12,16 @@ TensorBoard under ``<model_dir>/tensorboard/analysis``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 
 import numpy as np
 import tensorflow as tf
 
+from stfusion_tf import files
 from stfusion_tf.analysis import marginals as marg
 from stfusion_tf.analysis import ranking
 from stfusion_tf.data import pipeline, records
+from stfusion_tf.errors import UserError
 from stfusion_tf.model.strategy import S, S_ST, ST, FusionStrategy
 from stfusion_tf.model.template import TemplateGates
 
@@ -33,6 +35,12 @@ class AnalysisConfig:
     top_k: int = 10
     recalibrate_batches: int = 0  # >0: also rank with BN re-calibrated on this many train batches
     train_split: str = "train"
+
+    def __post_init__(self):
+        if self.selection_split == self.report_split:
+            raise UserError("selection_split and report_split must differ")
+        if self.num_samples < 1:
+            raise UserError(f"num_samples must be >= 1, got {self.num_samples}")
 
 
 def observations(positions, drop_rates, top_rows: list[dict]) -> dict:
@@ -92,29 +100,18 @@ def _fmt(x):
     return f"{100 * x:.1f}" if isinstance(x, float) and np.isfinite(x) else "–"
 
 
-def _write(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w" if isinstance(text, str) else "wb") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
 def analyze(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfig,
             cfg: AnalysisConfig, log=print) -> dict:
     out = os.path.join(model_dir, "analysis")
     os.makedirs(out, exist_ok=True)
     manifest = records.read_manifest(data_dir)
     for split in (cfg.selection_split, cfg.report_split):
-        if split not in manifest["splits"]:
-            raise ValueError(f"split {split!r} not in {data_dir}; valid: "
-                             f"{', '.join(sorted(manifest['splits']))}")
-    if cfg.selection_split == cfg.report_split:
-        raise ValueError("selection and reporting splits must differ")
+        records.split_size(manifest, split)
     gates = TemplateGates(model)
     positions, rates = gates.positions, gates.drop_rates()
     rows = marg.marginals_table(positions, rates)
-    _write(os.path.join(out, "marginals.json"), marg.to_json(rows))
-    _write(os.path.join(out, "marginals.csv"), marg.to_csv(rows))
+    files.write_text(os.path.join(out, "marginals.json"), marg.to_json(rows))
+    files.write_text(os.path.join(out, "marginals.csv"), marg.to_csv(rows))
 
     sel = ranking.StrategyScorer(model, gates, pipeline.eval_dataset(
         data_dir, cfg.selection_split, input_cfg))
@@ -127,7 +124,7 @@ def analyze(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfi
         recal = _recalibrated_ranking(model, gates, data_dir, input_cfg, cfg, rates, ranked, out, log)
     png = marg.plot(positions, rates, best=opt, title=f"{manifest['name']}: layer-level marginals "
                     "(bars) and best sampled strategy (dots)")
-    _write(os.path.join(out, "marginals.png"), png)
+    files.write_text(os.path.join(out, "marginals.png"), png)
     writer = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard", "analysis"))
     with writer.as_default(step=0):
         tf.summary.image("marginals_with_opt", tf.io.decode_png(png)[None])
@@ -143,14 +140,19 @@ def analyze(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfi
         f"{k} {_fmt(v['video_top1'])}" for k, v in comparison.items()))
     unique = len({r["key"] for r in ranked})
     obs = observations(positions, rates, ranked[: cfg.top_k])
+    initial = getattr(getattr(model, "gate_config", None), "init_drop_rate", 0.1)
+    moved = marg.movement(rates, initial)
+    log(moved["verdict"])
     result = {"dataset": manifest["name"], "selection_split": cfg.selection_split,
               "report_split": cfg.report_split, "num_samples": cfg.num_samples,
               "unique_samples": unique, "seed": cfg.seed, "comparison": comparison,
-              "observations": obs, "opt": opt.to_dict(), "bn_recalibration": recal,
-              "top": ranked[: cfg.top_k]}
-    records.write_json_atomic(os.path.join(out, "comparison.json"), comparison)
-    records.write_json_atomic(os.path.join(out, "observations.json"), obs)
-    _write(os.path.join(out, "report.md"), _report_md(result, rows))
+              "observations": obs, "drop_rate_movement": moved,
+              "temporal_use": marg.temporal_use(rates), "opt": opt.to_dict(),
+              "bn_recalibration": recal, "top": ranked[: cfg.top_k]}
+    files.write_json(os.path.join(out, "summary.json"), result)
+    files.write_json(os.path.join(out, "comparison.json"), comparison)
+    files.write_json(os.path.join(out, "observations.json"), obs)
+    files.write_text(os.path.join(out, "report.md"), _report_md(result, rows))
     log(f"analysis written to {out}")
     return result
 
@@ -160,6 +162,7 @@ def _report_md(r: dict, rows: list[dict]) -> str:
          f"Strategies sampled: {r['num_samples']} ({r['unique_samples']} unique), seed {r['seed']}. "
          f"Ranked with inherited weights on split `{r['selection_split']}` (selection); "
          f"reported on split `{r['report_split']}`, which played no part in the choice.", "",
+         f"**Drop rates.** {r['drop_rate_movement']['verdict']}", "",
          "![marginals](marginals.png)", "",
          "## Opt vs uniform strategies (inherited weights, reporting split)", "",
          "| strategy | video top-1 | video top-5 | clip top-1 | code |", "|---|---|---|---|---|"]

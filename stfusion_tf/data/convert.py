@@ -32,11 +32,10 @@ import json
 import multiprocessing
 import os
 import sys
-import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
-import numpy as np
 
+from stfusion_tf import files
 from stfusion_tf.data import records
 from stfusion_tf.progress import Progress
 
@@ -79,8 +78,8 @@ class Listing:
 def _walk_videos(root: str) -> dict[str, str]:
     """File stem -> path for every video file under root."""
     out = {}
-    for d, _, files in os.walk(root):
-        for f in sorted(files):
+    for d, _, names in os.walk(root):
+        for f in sorted(names):
             if f.lower().endswith(VIDEO_EXTS):
                 out.setdefault(os.path.splitext(f)[0], os.path.join(d, f))
     return out
@@ -342,7 +341,7 @@ def _write_shard(pool, chunk, path, label_map, short_side, quality, max_frames, 
                 source=it.source, original_size=res["size"])
 
     records.write_shard(path, gen())
-    records.write_json_atomic(_shard_sidecar(path), side)
+    files.write_json(_shard_sidecar(path), side)
     return side
 
 

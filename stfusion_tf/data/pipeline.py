@@ -22,10 +22,12 @@ import tensorflow as tf
 from official.vision.ops import preprocess_ops_3d as ops3d
 
 from stfusion_tf.data import records
+from stfusion_tf.errors import UserError
 
 
 
 SAMPLINGS = ("dense", "segments")
+NUM_CROPS = (1, 3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,13 +51,16 @@ class InputConfig:
 
     def __post_init__(self):
         if self.sampling not in SAMPLINGS:
-            raise ValueError(f"sampling={self.sampling!r}; valid values: {', '.join(SAMPLINGS)}")
-        if self.num_crops not in (1, 3):
-            raise ValueError(f"num_crops={self.num_crops}; valid values: 1, 3")
+            raise UserError(f"sampling={self.sampling!r}; valid values: {', '.join(SAMPLINGS)}")
+        if self.num_crops not in NUM_CROPS:
+            raise UserError(f"num_crops={self.num_crops}; valid values: "
+                            f"{', '.join(map(str, NUM_CROPS))}")
         if self.min_short_side > self.max_short_side:
-            raise ValueError("min_short_side must be <= max_short_side")
+            raise UserError("min_short_side must be <= max_short_side")
         if min(self.min_short_side, self.eval_short_side) < self.crop_size:
-            raise ValueError("short sides must be >= crop_size")
+            raise UserError("min_short_side and eval_short_side must be >= crop_size")
+        if self.temporal_pool and self.num_frames < 3:
+            raise UserError("temporal_pool needs num_frames >= 3")
 
     @property
     def model_frames(self) -> int:

@@ -12,9 +12,9 @@ feature_lists
   ``image/encoded``: one JPEG per frame.
 
 A dataset directory holds ``{split}-{i:05d}-of-{n:05d}.tfrecord`` shards and a
-``manifest.json``.  Every file is written to ``<name>.tmp`` and renamed when
-complete, so a crash never leaves a shard or manifest that looks finished, and a
-re-run skips shards that exist.
+``manifest.json``.  Every file is written through ``files.atomic_path`` (a
+temporary name, renamed when complete), so a crash never leaves a shard or
+manifest that looks finished, and a re-run skips shards that exist.
 """
 
 from __future__ import annotations
@@ -26,6 +26,9 @@ import time
 from typing import Iterable, Sequence
 
 import numpy as np
+
+from stfusion_tf import files
+from stfusion_tf.errors import UserError
 
 MANIFEST = "manifest.json"
 IMAGE_KEY = "image/encoded"
@@ -79,48 +82,15 @@ def make_sequence_example(jpeg_frames: Sequence[bytes], label: int, label_text: 
 
 
 def write_shard(path: str, records: Iterable[bytes]) -> int:
-    """Writes records to ``path`` atomically (tmp file + rename); returns the count."""
+    """Writes records to ``path`` atomically (``files.atomic_path``); returns the count."""
     import tensorflow as tf
-    tmp = path + ".tmp"
     n = 0
-    with tf.io.TFRecordWriter(tmp) as w:
-        for r in records:
-            w.write(r)
-            n += 1
-    tf.io.gfile.rename(tmp, path, overwrite=True)
+    with files.atomic_path(path) as tmp:
+        with tf.io.TFRecordWriter(tmp) as w:
+            for r in records:
+                w.write(r)
+                n += 1
     return n
-
-
-def write_json_atomic(path: str, obj) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def read_jsonl(path: str) -> tuple[list[dict], int]:
-    """Rows of an append-only JSONL results file and the number of torn lines.
-
-    A run killed mid-write leaves a cut last line; it is skipped (and counted) so
-    the caller re-does that row.  A missing file reads as empty.
-    """
-    rows, torn = [], 0
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    row = None
-                if isinstance(row, dict):
-                    rows.append(row)
-                else:
-                    torn += 1
-    return rows, torn
 
 
 def read_manifest(data_dir: str) -> dict:
@@ -130,11 +100,19 @@ def read_manifest(data_dir: str) -> dict:
     if "://" in data_dir:
         import tensorflow_io  # noqa: F401  registers http(s)/s3 filesystems
     if not tf.io.gfile.exists(path):
-        raise FileNotFoundError(
+        raise UserError(
             f"no {MANIFEST} in {data_dir!r}: the dataset is missing or its preparation "
             "did not finish; run --mode=prepare")
     with tf.io.gfile.GFile(path) as f:
         return json.load(f)
+
+
+def split_size(manifest: dict, split: str) -> int:
+    """Clips in ``split``; a clear error for a split the dataset does not have."""
+    if split not in manifest["splits"]:
+        raise UserError(f"split {split!r} not in dataset {manifest.get('name', '')!r}; valid "
+                        f"splits: {', '.join(sorted(manifest['splits']))}")
+    return int(manifest["splits"][split]["num_clips"])
 
 
 def shard_clip_counts(data_dir: str, split: str, manifest: dict | None = None) -> list[int] | None:
@@ -145,9 +123,7 @@ def shard_clip_counts(data_dir: str, split: str, manifest: dict | None = None) -
 
 def shard_paths(data_dir: str, split: str, manifest: dict | None = None) -> list[str]:
     manifest = manifest or read_manifest(data_dir)
-    if split not in manifest["splits"]:
-        raise ValueError(f"split {split!r} not in dataset; valid splits: "
-                         f"{', '.join(sorted(manifest['splits']))}")
+    split_size(manifest, split)
     return [data_dir.rstrip("/") + "/" + s for s in manifest["splits"][split]["shards"]]
 
 
@@ -194,5 +170,5 @@ class ManifestBuilder:
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **self.extra,
         }
-        write_json_atomic(os.path.join(data_dir, MANIFEST), manifest)
+        files.write_json(os.path.join(data_dir, MANIFEST), manifest)
         return manifest

@@ -1,4 +1,5 @@
-"""Embedded synthetic video datasets, generated from a seed.
+"""Embedded synthetic video datasets, generated from a seed: tasks whose right
+answer for the probability space is known by construction.
 
 ``synthetic_motion`` (Something-Something-like: motion is the only signal)
   A sprite of random shape and colour travels with wrap-around (2-3 pixels
@@ -7,13 +8,27 @@
   the torus, so its position in any single frame is uniform whatever the
   class: every single frame has the same distribution for all classes, and
   reversing time maps a class to its opposite direction.  Only features that
-  combine frames can tell classes apart.
+  combine frames can tell classes apart.  Expected: T branches kept.
 
 ``synthetic_appearance`` (UCF/Kinetics-like: appearance is the signal)
-  A sprite whose shape is the class (disc, square, triangle, cross, ring,
-  diamond, bars) with a random colour, on a random texture; sprite and
-  background move in random directions, independent of the class.  Spatial
-  units suffice.
+  A full-frame texture whose kind is the class (horizontal stripes, vertical
+  stripes, checkerboard, hexagonal dots; random period, phase and colours, all
+  invariant to a horizontal flip), drifting in a random direction, with a
+  sprite of random shape moving in another random direction: every single
+  frame gives the class, motion is independent of it.  Spatial units suffice.
+  Expected: T branches dropped where S branches can do their work.  (The
+  earlier version, class = the shape of one 16-px sprite, stayed at chance
+  with the tiny template: global average pooling over a 32-px crop dilutes one
+  small shape below what 8x8 feature maps resolve; the texture spreads the
+  evidence over the frame, as a scene does.)
+
+``synthetic_fine_motion`` (motion needed only at fine scale, in lower layers)
+  A high-frequency random texture (wavelengths 4-8 px) drifts by one pixel per
+  frame in the class direction.  Single frames carry no class information
+  (the texture is stationary), and once feature maps are pooled to cells of
+  8 px or more the texture, and with it its motion, averages out: temporal
+  information exists only at the resolution of the lower layers.  Expected: T
+  branches used more in the lower half of the network than in the upper half.
 
 Clips are rendered deterministically from (seed, split, index), written through
 the same writer as real datasets, and resumable shard by shard.
@@ -27,6 +42,7 @@ import os
 import numpy as np
 
 from stfusion_tf.data import records
+from stfusion_tf.errors import UserError
 
 DIRECTIONS = ("east", "west", "south", "north", "southeast", "northwest", "southwest", "northeast")
 #: (dy, dx) per direction; index i and i^1 are opposite, so time reversal maps i -> i^1.
@@ -34,7 +50,8 @@ _DIR_VEC = {"east": (0, 1), "west": (0, -1), "south": (1, 0), "north": (-1, 0),
             "southeast": (1, 1), "northwest": (-1, -1), "southwest": (1, -1),
             "northeast": (-1, 1)}
 SHAPES = ("disc", "square", "triangle", "cross", "ring", "diamond", "hbar", "vbar")
-DATASETS = ("synthetic_motion", "synthetic_appearance")
+TEXTURES = ("hstripes", "vstripes", "checker", "hexdots")
+DATASETS = ("synthetic_motion", "synthetic_appearance", "synthetic_fine_motion")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,15 +70,14 @@ class SyntheticSpec:
 
     def __post_init__(self):
         if self.name not in DATASETS:
-            raise ValueError(f"unknown synthetic dataset {self.name!r}; valid: {', '.join(DATASETS)}")
-        limit = len(DIRECTIONS) if self.name == "synthetic_motion" else len(SHAPES)
+            raise UserError(f"unknown synthetic dataset {self.name!r}; valid: {', '.join(DATASETS)}")
+        limit = len(_LABELS[self.name])
         if not 2 <= self.num_classes <= limit:
-            raise ValueError(f"{self.name} supports 2..{limit} classes, got {self.num_classes}")
+            raise UserError(f"{self.name} supports 2..{limit} classes, got {self.num_classes}")
 
     @property
     def label_map(self) -> tuple[str, ...]:
-        src = DIRECTIONS if self.name == "synthetic_motion" else SHAPES
-        return src[: self.num_classes]
+        return _LABELS[self.name][: self.num_classes]
 
     def split_sizes(self) -> dict:
         return {"train": self.num_train, "val": self.num_val, "test": self.num_test}
@@ -135,9 +151,7 @@ def _sprite_clip(rng, spec: SyntheticSpec, shape: str, velocity, bg_velocity) ->
         bg = np.roll(tex, tuple(np.asarray(bg_velocity) * t), axis=(0, 1))
         m = np.roll(canvas, tuple(pos + np.asarray(velocity) * t), axis=(0, 1))[..., None]
         frames.append(bg * (1 - m) + colour * m)
-    frames = np.stack(frames)
-    frames = frames + rng.normal(0, 0.03, frames.shape).astype(np.float32)
-    return np.clip(frames * 255.0, 0, 255).astype(np.uint8)
+    return _finish(rng, np.stack(frames))
 
 
 def render_motion_clip(rng: np.random.Generator, label: int, spec: SyntheticSpec) -> np.ndarray:
@@ -147,18 +161,90 @@ def render_motion_clip(rng: np.random.Generator, label: int, spec: SyntheticSpec
     return _sprite_clip(rng, spec, shape, velocity, (0, 0))
 
 
+def _contrast_colours(rng) -> tuple[np.ndarray, np.ndarray]:
+    """Two colours at least 0.3 apart in every channel, in random order."""
+    dark = rng.uniform(0.05, 0.45, 3)
+    light = np.clip(dark + rng.uniform(0.3, 0.5, 3), 0, 1)
+    return (light, dark) if rng.uniform() < 0.5 else (dark, light)
+
+
+def texture_frame(kind: str, size: int, period: float, phase, offset, c1, c2) -> np.ndarray:
+    """One frame [size, size, 3] of texture ``kind`` shifted by ``offset`` (dy, dx) pixels."""
+    yy, xx = np.meshgrid(np.arange(size, dtype=np.float32) - offset[0],
+                         np.arange(size, dtype=np.float32) - offset[1], indexing="ij")
+    w = 2 * np.pi / period
+    if kind == "hstripes":
+        f = np.cos(w * yy + phase[0])
+    elif kind == "vstripes":
+        f = np.cos(w * xx + phase[0])
+    elif kind == "checker":
+        f = np.cos(w * yy + phase[0]) * np.cos(w * xx + phase[1])
+    elif kind == "hexdots":  # three gratings 60 degrees apart
+        angles, phases = (0, np.pi / 3, 2 * np.pi / 3), (phase[0], phase[1], -phase[0] - phase[1])
+        f = np.clip(sum(np.cos(w * (xx * np.cos(a) + yy * np.sin(a)) + ph)
+                        for a, ph in zip(angles, phases)) / 1.5, -1, 1)
+    else:
+        raise ValueError(kind)
+    f = ((f + 1) / 2)[..., None]
+    return (f * c1 + (1 - f) * c2).astype(np.float32)
+
+
 def render_appearance_clip(rng: np.random.Generator, label: int, spec: SyntheticSpec) -> np.ndarray:
-    """Class = sprite shape; sprite and background motion are random, class-independent."""
-    return _sprite_clip(rng, spec, SHAPES[label], _random_velocity(rng) * int(rng.integers(1, 3)),
-                        _random_velocity(rng) // 2)
+    """Class = texture kind; the texture drifts and a sprite moves, both at random."""
+    kind, period = TEXTURES[label], rng.uniform(6, 12)
+    phase = rng.uniform(0, 2 * np.pi, 2)
+    c1, c2 = _contrast_colours(rng)
+    drift = _random_velocity(rng) * rng.uniform(0.5, 1.5)
+    sprite = max(6, spec.size * 3 // 10)
+    canvas = np.zeros((spec.size, spec.size), np.float32)
+    canvas[:sprite, :sprite] = _shape_mask(SHAPES[rng.integers(len(SHAPES))], sprite)
+    colour = rng.uniform(0, 1, 3).astype(np.float32)
+    pos, velocity = rng.integers(0, spec.size, 2), _random_velocity(rng) * int(rng.integers(1, 3))
+    frames = []
+    for t in range(spec.num_frames):
+        bg = texture_frame(kind, spec.size, period, phase, drift * t, c1, c2)
+        m = np.roll(canvas, tuple(pos + velocity * t), axis=(0, 1))[..., None]
+        frames.append(bg * (1 - m) + colour * m)
+    return _finish(rng, np.stack(frames))
+
+
+def render_fine_motion_clip(rng: np.random.Generator, label: int,
+                            spec: SyntheticSpec) -> np.ndarray:
+    """Class = direction of a 1-px-per-frame drift of a fine periodic texture."""
+    yy, xx = np.meshgrid(np.arange(spec.size), np.arange(spec.size), indexing="ij")
+    field = np.zeros((spec.size, spec.size), np.float32)
+    lo, hi = spec.size // 8, spec.size // 4  # wavelengths of 4-8 px on a 40-px frame
+    for _ in range(8):
+        while True:
+            ky, kx = rng.integers(-hi, hi + 1, 2)
+            if lo <= np.hypot(ky, kx) <= hi:
+                break
+        field += np.cos(2 * np.pi * (ky * yy + kx * xx) / spec.size + rng.uniform(0, 2 * np.pi))
+    field = ((field - field.min()) / (np.ptp(field) + 1e-6))[..., None]
+    c1, c2 = _contrast_colours(rng)
+    tex = (field * c1 + (1 - field) * c2).astype(np.float32)
+    step = np.array(_DIR_VEC[DIRECTIONS[label]])
+    return _finish(rng, np.stack([np.roll(tex, tuple(step * t), axis=(0, 1))
+                                  for t in range(spec.num_frames)]))
+
+
+def _finish(rng, frames: np.ndarray) -> np.ndarray:
+    """Pixel noise (sigma 0.03) and uint8."""
+    frames = frames + rng.normal(0, 0.03, frames.shape).astype(np.float32)
+    return np.clip(frames * 255.0, 0, 255).astype(np.uint8)
+
+
+_LABELS = {"synthetic_motion": DIRECTIONS, "synthetic_appearance": TEXTURES,
+           "synthetic_fine_motion": DIRECTIONS}
+_RENDER = {"synthetic_motion": render_motion_clip, "synthetic_appearance": render_appearance_clip,
+           "synthetic_fine_motion": render_fine_motion_clip}
 
 
 def render_clip(spec: SyntheticSpec, split: str, index: int) -> tuple[np.ndarray, int]:
     """Clip ``index`` of ``split``: (uint8 [T,H,W,3], label).  Deterministic."""
     rng = _rng(spec.seed, split, index)
     label = index % spec.num_classes
-    render = render_motion_clip if spec.name == "synthetic_motion" else render_appearance_clip
-    return render(rng, label, spec), label
+    return _RENDER[spec.name](rng, label, spec), label
 
 
 def prepare_synthetic(out_dir: str, spec: SyntheticSpec, log=print) -> dict:

@@ -58,6 +58,7 @@ class BackboneConfig:
     alpha: float = 1.0
     stem_features: int = 64
     stem_temporal_kernel: int = 5
+    stem_spatial_kernel: int = 7  # DenseNet only (ResNets keep keras.applications' 7x7)
     temporal_stride: int = 1
     stride_on: str = "spatial"
     temporal_padding: str = "zeros"
@@ -82,15 +83,17 @@ PRESETS = {
     "resnext101": BackboneConfig("resnet", (3, 4, 23, 3), groups=32, width_per_group=4),
     "mobilenetv2": BackboneConfig("mobilenetv2", (1, 2, 3, 4, 3, 3, 1), stem_temporal_kernel=3),
     "densenet121": BackboneConfig("densenet", (6, 12, 24, 16), width=32),
-    # Narrow, shallow versions built by the same code, for 2-core CPU experiments.
+    # Narrow, shallow versions built by the same code, for 2-core CPU experiments.  Their
+    # stem is 2D (as the tiny template's): every temporal operation is a fusion unit, so an
+    # all-S network is blind to the direction of time.
     "resnet_tiny": BackboneConfig("resnet", (1, 1, 1, 1), width=8, stem_features=8,
-                                  stem_temporal_kernel=3),
+                                  stem_temporal_kernel=1),
     "resnext_tiny": BackboneConfig("resnet", (1, 1, 1, 1), width=8, groups=4, width_per_group=16,
-                                   stem_features=8, stem_temporal_kernel=3),
+                                   stem_features=8, stem_temporal_kernel=1),
     "mobilenetv2_tiny": BackboneConfig("mobilenetv2", (1, 1, 1, 1, 1, 1, 1), alpha=0.25,
-                                       stem_temporal_kernel=3),
+                                       stem_temporal_kernel=1),
     "densenet_tiny": BackboneConfig("densenet", (2, 2, 2, 2), width=8, stem_features=16,
-                                    stem_temporal_kernel=3),
+                                    stem_temporal_kernel=1, stem_spatial_kernel=5),
 }
 
 
@@ -110,7 +113,8 @@ def _template_config(cfg: BackboneConfig) -> tpl.TemplateConfig:
     bn_size = 4 if cfg.width >= 32 else 2
     return tpl.TemplateConfig(block_config=cfg.depths, growth_rate=cfg.width, bn_size=bn_size,
                               init_features=cfg.stem_features,
-                              stem_kernel=(cfg.stem_temporal_kernel, 7, 7),
+                              stem_kernel=(cfg.stem_temporal_kernel, cfg.stem_spatial_kernel,
+                                           cfg.stem_spatial_kernel),
                               temporal_downsample=cfg.temporal_stride > 1,
                               num_frames=cfg.num_frames, crop_size=cfg.crop_size,
                               temporal_padding=cfg.temporal_padding)
@@ -227,7 +231,6 @@ def _mobilenetv2(b: _Builder, x, position_names):
             if block_id:
                 y = b.fusion(y, position, t * in_ch, f"{prefix}expand")
                 y = relu6(f"{prefix}expand_relu")(b.bn(y, f"{prefix}expand_BN"))
-            ch = y.shape[-1]
             if stride == 2:
                 pad = (0, 1) if size % 2 == 0 else (1, 1)
                 y = Pad3D(0, pad, pad, name=f"{prefix}pad")(y)

@@ -25,6 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
+from stfusion_tf.errors import UserError
 from stfusion_tf.model import backbones as bb
 from stfusion_tf.model import template as tpl
 from stfusion_tf.model.strategy import S, S_ST, ST, UNITS, FusionStrategy
@@ -32,7 +33,8 @@ from stfusion_tf.model.strategy import S, S_ST, ST, UNITS, FusionStrategy
 FAMILIES = ("ss", "k400", "ucf")
 #: Dataset -> family of the paper's hand rules.
 DATASET_FAMILY = {"ssv1": "ss", "ssv2": "ss", "synthetic_motion": "ss", "kinetics400": "k400",
-                  "folder": "k400", "ucf101": "ucf", "synthetic_appearance": "ucf"}
+                  "folder": "k400", "ucf101": "ucf", "synthetic_appearance": "ucf",
+                  "synthetic_fine_motion": "ss"}
 _LETTER = {"S": S, "T": ST, "F": S_ST}
 #: Best sampled strategies of the paper's Fig. 4 (DenseNet121 template), block by block.
 PAPER_BEST = {
@@ -111,7 +113,7 @@ def _decode(code: str) -> list[str]:
 def paper_rule(cfg: bb.BackboneConfig, family: str) -> FusionStrategy:
     """The paper's hand-designed Opt for ``family`` on backbone ``cfg``."""
     if family not in FAMILIES:
-        raise ValueError(f"family={family!r}; valid values: {', '.join(FAMILIES)}")
+        raise UserError(f"family={family!r}; valid values: {', '.join(FAMILIES)}")
     pos = bb.positions(cfg)
     if cfg.arch == "densenet":
         full = tpl.template_positions(tpl.PRESETS["densenet121"])
@@ -143,7 +145,7 @@ def from_template(analysis_dir: str, cfg: bb.BackboneConfig) -> FusionStrategy:
         if tuple(opt.positions) == pos and "none" not in opt.units:
             return opt
     if not os.path.exists(marg_path):
-        raise FileNotFoundError(f"{marg_path} missing: run --mode=analyze on the template first")
+        raise UserError(f"{marg_path} missing: run --mode=analyze on the template first")
     with open(marg_path) as f:
         rows = json.load(f)
     return from_marginals([[r["S"], r["ST"], r["S+ST"]] for r in rows], pos,
@@ -160,18 +162,18 @@ def resolve(spec: str, cfg: bb.BackboneConfig, family: str = "ss",
         return paper_rule(cfg, family)
     if spec == "opt":
         if not analysis_dir:
-            raise ValueError("spec 'opt' needs the template's analysis directory")
+            raise UserError("spec 'opt' needs the template's analysis directory")
         return from_template(analysis_dir, cfg)
     if os.path.exists(spec):
         st = FusionStrategy.load(spec)
         if tuple(st.positions) != pos:
-            raise ValueError(f"{spec}: its positions do not match the backbone's "
+            raise UserError(f"{spec}: its positions do not match the backbone's "
                              f"({pos[0]} ... {pos[-1]})")
         return st
     units = [u.strip() for u in spec.split(",")]
     bad = [u for u in units if u not in UNITS[:3]]
     if bad:
-        raise ValueError(f"strategy spec {spec!r}: valid specs are S, ST, S+ST, paper, opt, a "
+        raise UserError(f"strategy spec {spec!r}: valid specs are S, ST, S+ST, paper, opt, a "
                          "FusionStrategy JSON path or a comma-separated unit list (units S, ST, S+ST)")
     stages = list(dict.fromkeys(bb.stage_of(p) for p in pos))
     if len(units) == len(pos):
@@ -179,5 +181,5 @@ def resolve(spec: str, cfg: bb.BackboneConfig, family: str = "ss",
     if len(units) == len(stages):
         per_stage = dict(zip(stages, units))
         return FusionStrategy(pos, tuple(per_stage[bb.stage_of(p)] for p in pos))
-    raise ValueError(f"strategy spec {spec!r} has {len(units)} units; give one per stage "
+    raise UserError(f"strategy spec {spec!r} has {len(units)} units; give one per stage "
                      f"({len(stages)}: {', '.join(stages)}) or one per position ({len(pos)})")

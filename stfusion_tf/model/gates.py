@@ -19,6 +19,24 @@ with k the length-scale prior and N the training-set size.  For the per-feature
 (``noise="feature"``) gate of the classifier the entropy term is counted once per
 feature, as in the authors' ``Linear_with_CD``.
 
+``weight_term`` says which ||W||^2 enters the weight term.  ``"norm"`` (paper,
+code): the kernel's squared norm as trained.  Every gated convolution feeds a
+BatchNorm, so the network's function does not depend on that norm: the term
+shrinks kernels for free, and its pull on p follows whatever scale training
+happened to leave (measured: 14x weaker by the end of the demo's variational
+phase than at its start).  ``"prior"``: ||W||^2 at its expected value under the
+weight prior N(0, I/k^2), n_W / k^2 for a kernel of n_W weights.  The posterior
+may put a scale-free kernel at any norm; this puts it at the prior's own, so the
+code form's weight term becomes a price of 1/k nats per kept parameter
+((1-p) n_W / (k N); the paper form's: 1/2), constant over training and the same
+whatever scale warm-up left behind: the L0 / minimum-description-length
+reading of the same prior.  A 3x1x1 (T) branch has three times the weights of
+a 1x1x1 (S) branch, so temporal modelling costs three times as much and must be
+paid for by the data; kernels get no decay from this form.
+
+The relaxed sample is TFP's ``RelaxedBernoulli`` (``StableRelaxedBernoulli``:
+the same distribution with a sample whose gradient stays finite at any logit).
+
 State lives in non-trainable variables, so switching mode or mask never
 rebuilds or retraces a compiled function:
 
@@ -37,19 +55,60 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 import tensorflow_probability as tfp
+from tensorflow_probability.python.internal import dtype_util, samplers
+
+from stfusion_tf.errors import UserError
 
 INFERENCE_MODES = ("expected", "mask", "sample", "identity")
 REGULARIZERS = ("code", "paper")
+WEIGHT_TERMS = ("norm", "prior")
 NOISE_SHAPES = ("path", "feature")
 _EPS = 1e-7
 
 
+class StableRelaxedBernoulli(tfp.distributions.RelaxedBernoulli):
+    """TFP's ``RelaxedBernoulli`` whose samples have a finite gradient at any logit.
+
+    TFP samples through a Logistic distribution and a Sigmoid bijector, and the
+    gradient w.r.t. the logits turns NaN once they pass ~10 in float32
+    (tensorflow/probability#1393).  The same Concrete sample written out,
+    sigmoid((logits + log u - log(1 - u)) / temperature) with u ~ U(0, 1), stays
+    finite; everything else (``log_prob``, parameters, batch shapes) is TFP's.
+    """
+
+    def _sample_n(self, n, seed=None, **kwargs):
+        logits = self._logits_parameter_no_checks()
+        temperature = tf.convert_to_tensor(self._temperature)
+        shape = tf.concat([[n], self._batch_shape_tensor(temperature=temperature, logits=logits)], 0)
+        tiny = np.finfo(dtype_util.as_numpy_dtype(logits.dtype)).tiny
+        u = samplers.uniform(shape, minval=tiny, maxval=1.0, dtype=logits.dtype, seed=seed)
+        return tf.sigmoid((logits + tf.math.log(u) - tf.math.log1p(-u)) / temperature)
+
+
 def _check_choice(name, value, choices):
     if value not in choices:
-        raise ValueError(f"{name}={value!r}; valid values: {', '.join(choices)}")
+        raise UserError(f"{name}={value!r}; valid values: {', '.join(choices)}")
     return value
+
+
+def check_gate_args(init_drop_rate, temperature, regularizer, length_scale, dataset_size,
+                    weight_term="norm"):
+    """The one check of gate settings (``VariationalDropPath`` and ``GateConfig``)."""
+    if not 0.0 < init_drop_rate < 1.0:
+        raise UserError(f"init_drop_rate must be in (0, 1), got {init_drop_rate}")
+    if temperature <= 0:
+        raise UserError(f"temperature must be > 0, got {temperature}")
+    if length_scale < 0:
+        raise UserError(f"length_scale must be >= 0, got {length_scale}")
+    if dataset_size < 1:
+        raise UserError(f"dataset_size must be >= 1, got {dataset_size}")
+    _check_choice("regularizer", regularizer, REGULARIZERS)
+    _check_choice("weight_term", weight_term, WEIGHT_TERMS)
+    if weight_term == "prior" and length_scale <= 0:
+        raise UserError("weight_term=prior needs length_scale > 0 (its prior is N(0, I/k^2))")
 
 
 @keras.saving.register_keras_serializable(package="stfusion_tf")
@@ -66,18 +125,16 @@ class VariationalDropPath(keras.layers.Wrapper):
       regularizer: ``"code"`` or ``"paper"`` (see module docstring).
       length_scale: k, the length-scale prior.
       dataset_size: N, the number of training examples.
+      weight_term: ``"norm"`` or ``"prior"`` (see module docstring).
     """
 
     def __init__(self, layer, init_drop_rate=0.1, temperature=0.2, rescale=False,
                  noise="path", regularizer="code", length_scale=1.0,
-                 dataset_size=1, **kwargs):
+                 dataset_size=1, weight_term="norm", **kwargs):
         super().__init__(layer, **kwargs)
-        if not 0.0 < init_drop_rate < 1.0:
-            raise ValueError(f"init_drop_rate must be in (0, 1), got {init_drop_rate}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if dataset_size < 1:
-            raise ValueError(f"dataset_size must be >= 1, got {dataset_size}")
+        check_gate_args(init_drop_rate, temperature, regularizer, length_scale, dataset_size,
+                        weight_term)
+        self.weight_term = weight_term
         self.init_drop_rate = float(init_drop_rate)
         self.temperature = float(temperature)
         self.rescale = bool(rescale)
@@ -109,11 +166,17 @@ class VariationalDropPath(keras.layers.Wrapper):
         """p = sigmoid(p_logit) as a tensor."""
         return tf.sigmoid(tf.convert_to_tensor(self.p_logit))
 
+    def squared_norm(self):
+        """||W||^2 of the weight term: the kernel's (``norm``) or n_W / k^2 (``prior``)."""
+        if self.weight_term == "prior":
+            n = float(np.prod(self.layer.kernel.shape))
+            return tf.constant(n / max(self.length_scale, _EPS) ** 2)
+        return tf.reduce_sum(tf.square(tf.convert_to_tensor(self.layer.kernel)))
+
     def regularization(self):
         """The variational regulariser of this gate (a scalar tensor)."""
         p = self.drop_rate
-        kernel = tf.convert_to_tensor(self.layer.kernel)
-        sq = tf.reduce_sum(tf.square(kernel))
+        sq = self.squared_norm()
         n = float(self.dataset_size)
         k = self.length_scale
         pc = tf.clip_by_value(p, _EPS, 1.0 - _EPS)
@@ -139,7 +202,7 @@ class VariationalDropPath(keras.layers.Wrapper):
         return 1.0 / (1.0 - p) if self.rescale else 1.0
 
     def _relaxed(self, x, p):
-        dist = tfp.distributions.RelaxedBernoulli(self.temperature, logits=self.p_logit)
+        dist = StableRelaxedBernoulli(self.temperature, logits=self.p_logit)
         drop = tf.cast(dist.sample(self._noise_shape(x)), x.dtype)
         return x * (1.0 - drop) * tf.cast(self._keep_scale(p), x.dtype)
 
@@ -186,7 +249,8 @@ class VariationalDropPath(keras.layers.Wrapper):
         config.update(
             init_drop_rate=self.init_drop_rate, temperature=self.temperature,
             rescale=self.rescale, noise=self.noise, regularizer=self.regularizer,
-            length_scale=self.length_scale, dataset_size=self.dataset_size)
+            length_scale=self.length_scale, dataset_size=self.dataset_size,
+            weight_term=self.weight_term)
         return config
 
 

@@ -23,8 +23,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -109,10 +108,8 @@ class FusionStrategy:
 
     def save(self, path: str) -> None:
         """Writes atomically: the file appears only when complete."""
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            f.write(self.to_json())
-        os.replace(tmp, path)
+        from stfusion_tf import files
+        files.write_text(path, self.to_json())
 
     def code(self) -> str:
         """Compact code as in the paper's tables, e.g. ``FFFFFT|S|FF...``.
@@ -162,7 +159,3 @@ class FusionStrategy:
     def key(self) -> str:
         """A hashable identity used to recognise duplicate samples."""
         return "".join(UNIT_LETTERS[u] for u in self.units)
-
-
-def strategies_from_masks(positions: Sequence[str], masks: Iterable) -> list[FusionStrategy]:
-    return [FusionStrategy.from_mask(positions, m) for m in masks]

@@ -26,7 +26,8 @@ import dataclasses
 
 import keras
 
-from stfusion_tf.model.gates import VariationalDropPath, gate_layers
+from stfusion_tf.errors import UserError
+from stfusion_tf.model.gates import VariationalDropPath, check_gate_args, gate_layers
 from stfusion_tf.model.normalization import PixelNormalization
 from stfusion_tf.model.layers3d import TEMPORAL_PADDINGS, Pad3D, pad_for_temporal_kernel
 from stfusion_tf.model.strategy import UNIT_TO_KEEP, FusionStrategy
@@ -42,6 +43,11 @@ class GateConfig:
     regularizer: str = "code"
     length_scale: float = 1.0
     dataset_size: int = 1
+    weight_term: str = "norm"
+
+    def __post_init__(self):
+        check_gate_args(self.init_drop_rate, self.temperature, self.regularizer,
+                        self.length_scale, self.dataset_size, self.weight_term)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +68,13 @@ class TemplateConfig:
     #: Padding of temporal kernels: "zeros" (authors) or "replicate" (edge frames).
     temporal_padding: str = "zeros"
 
+    def __post_init__(self):
+        if self.temporal_padding not in TEMPORAL_PADDINGS:
+            raise UserError(f"temporal_padding={self.temporal_padding!r}; valid values: "
+                            f"{', '.join(TEMPORAL_PADDINGS)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"dropout must be in [0, 1), got {self.dropout}")
+
     @property
     def bottleneck_width(self) -> int:
         return self.bn_size * self.growth_rate
@@ -79,16 +92,20 @@ PRESETS = {
     "small": TemplateConfig(block_config=(3, 4, 6, 3), growth_rate=16, bn_size=4,
                             init_features=32, stem_kernel=(3, 5, 5),
                             num_frames=8, crop_size=64),
-    # Smallest sensible template: tests and the embedded default job.
+    # Smallest sensible template: tests, the demo and the science benchmark.  Its stem is
+    # 2D: the stem is never gated, so with a 3D stem part of the temporal modelling would
+    # happen outside the probability space (measured: with a 3x5x5 stem an all-S template
+    # still learns synthetic_motion); with this one an all-S network is invariant to
+    # reversing time and cannot tell a direction from its opposite.
     "tiny": TemplateConfig(block_config=(2, 2, 2, 2), growth_rate=8, bn_size=2,
-                           init_features=16, stem_kernel=(3, 5, 5),
+                           init_features=16, stem_kernel=(1, 5, 5),
                            num_frames=8, crop_size=32),
 }
 
 
 def preset(name: str, **overrides) -> TemplateConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown template preset {name!r}; valid presets: {', '.join(PRESETS)}")
+        raise UserError(f"unknown template preset {name!r}; valid presets: {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)
 
 
@@ -125,7 +142,8 @@ def _gate(layer, gate: GateConfig, name, noise="path"):
     return VariationalDropPath(
         layer, init_drop_rate=gate.init_drop_rate, temperature=gate.temperature,
         rescale=gate.rescale, noise=noise, regularizer=gate.regularizer,
-        length_scale=gate.length_scale, dataset_size=gate.dataset_size, name=name)
+        length_scale=gate.length_scale, dataset_size=gate.dataset_size,
+        weight_term=gate.weight_term, name=name)
 
 
 def _fusion_unit(x, position, filters, gate: GateConfig, sync=False, unit=None, tpad="zeros"):
@@ -148,24 +166,9 @@ def _fusion_unit(x, position, filters, gate: GateConfig, sync=False, unit=None, 
     return keras.layers.Add(name=f"{k}_sum")(branches)
 
 
-def build_template(config: TemplateConfig, num_classes: int,
-                   gate: GateConfig = GateConfig(), name: str = "template",
-                   synchronized_bn: bool = False,
-                   strategy: FusionStrategy | None = None) -> keras.Model:
-    """Builds the template as a functional Keras model: clips [B,T,H,W,3] -> logits.
-
-    Clips are float32 pixel values in [0, 255]; the first layer normalises them.
-    With ``strategy`` the network has no gates and only the strategy's branches
-    (the DenseNet121-3D backbone of that strategy).
-
-    ``synchronized_bn`` makes BatchNorm statistics global across replicas.
-    """
-    sync = synchronized_bn
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if config.temporal_padding not in TEMPORAL_PADDINGS:
-        raise ValueError(f"temporal_padding={config.temporal_padding!r}; valid values: "
-                         f"{', '.join(TEMPORAL_PADDINGS)}")
+def _graph(config: TemplateConfig, num_classes: int, gate: GateConfig, sync: bool,
+           strategy: FusionStrategy | None):
+    """(inputs, logits) of the template; with ``strategy`` only its branches, no gates."""
     positions = template_positions(config)
     units = dict.fromkeys(positions)
     if strategy is not None:
@@ -173,18 +176,7 @@ def build_template(config: TemplateConfig, num_classes: int,
         units = dict(zip(strategy.positions, strategy.units))
     tpad = config.temporal_padding
     inputs = keras.Input((config.num_frames, config.crop_size, config.crop_size, 3), name="clip")
-    t_stride = 2 if config.temporal_downsample else 1
-    s_stride = config.stem_spatial_stride
-    kt, kh, kw = config.stem_kernel
-    x = PixelNormalization(name="input_norm")(inputs)
-    x = Pad3D(kt // 2, kh // 2, kw // 2, temporal=tpad, name="stem_pad")(x)
-    x = _conv(config.init_features, config.stem_kernel, "stem_conv",
-              strides=(t_stride, s_stride, s_stride), padding="valid")(x)
-    x = keras.layers.ReLU(name="stem_relu")(_bn("stem_bn", sync)(x))
-    # Zero padding after ReLU is max-pooling's -inf padding.
-    x = Pad3D(1, 1, 1, name="stem_pool_pad")(x)
-    x = keras.layers.MaxPooling3D((3, 3, 3), strides=(t_stride, 2, 2), padding="valid",
-                                  name="stem_pool")(x)
+    x = _stem(PixelNormalization(name="input_norm")(inputs), config, sync)
     channels = config.init_features
     for b, n_layers in enumerate(config.block_config, start=1):
         for i in range(1, n_layers + 1):
@@ -208,7 +200,73 @@ def build_template(config: TemplateConfig, num_classes: int,
         x = keras.layers.Dropout(config.dropout, name="head_dropout")(x)
     dense = keras.layers.Dense(num_classes, name="classifier")
     logits = dense(x) if strategy is not None else _gate(dense, gate, "head_gate", noise="feature")(x)
-    return keras.Model(inputs, logits, name=name)
+    return inputs, logits
+
+
+def _stem(x, config: TemplateConfig, sync: bool):
+    """Stem conv (explicit symmetric padding), BN-ReLU, 3x3x3 max-pool."""
+    t_stride = 2 if config.temporal_downsample else 1
+    s_stride = config.stem_spatial_stride
+    kt, kh, kw = config.stem_kernel
+    x = Pad3D(kt // 2, kh // 2, kw // 2, temporal=config.temporal_padding, name="stem_pad")(x)
+    x = _conv(config.init_features, config.stem_kernel, "stem_conv",
+              strides=(t_stride, s_stride, s_stride), padding="valid")(x)
+    x = keras.layers.ReLU(name="stem_relu")(_bn("stem_bn", sync)(x))
+    # Zero padding after ReLU is max-pooling's -inf padding.
+    x = Pad3D(1, 1, 1, name="stem_pool_pad")(x)
+    return keras.layers.MaxPooling3D((3, 3, 3), strides=(t_stride, 2, 2), padding="valid",
+                                     name="stem_pool")(x)
+
+
+@keras.saving.register_keras_serializable(package="stfusion_tf")
+class Template(keras.Model):
+    """The template (or, with ``strategy``, the gate-free network of one strategy)
+    as a functional Keras model: clips [B,T,H,W,3] (pixel values in [0, 255]) -> logits.
+
+    Its ``get_config`` carries the architecture, the gate settings and the
+    strategy, so a saved model reloads as a ``Template`` that knows its
+    positions and config (keras-hub's backbone pattern).  ``synchronized_bn``
+    makes BatchNorm statistics global across replicas.
+    """
+
+    def __init__(self, config: TemplateConfig, num_classes: int, gate: GateConfig = GateConfig(),
+                 strategy: FusionStrategy | None = None, synchronized_bn: bool = False,
+                 name: str = "template", **kwargs):
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        inputs, logits = _graph(config, num_classes, gate, synchronized_bn, strategy)
+        super().__init__(inputs=inputs, outputs=logits, name=name, **kwargs)
+        self.config, self.gate_config, self.strategy = config, gate, strategy
+        self.num_classes, self.synchronized_bn = int(num_classes), bool(synchronized_bn)
+
+    @property
+    def positions(self) -> tuple[str, ...]:
+        return template_positions(self.config)
+
+    def get_config(self):
+        return {"name": self.name, "trainable": self.trainable,
+                "config": dataclasses.asdict(self.config), "num_classes": self.num_classes,
+                "gate": dataclasses.asdict(self.gate_config),
+                "strategy": None if self.strategy is None else self.strategy.to_dict(),
+                "synchronized_bn": self.synchronized_bn}
+
+    @classmethod
+    def from_config(cls, config, custom_objects=None):
+        config = dict(config)
+        config["config"] = TemplateConfig.from_dict(config["config"])
+        config["gate"] = GateConfig(**config["gate"])
+        if config.get("strategy") is not None:
+            config["strategy"] = FusionStrategy.from_dict(config["strategy"])
+        return cls(**config)
+
+
+def build_template(config: TemplateConfig, num_classes: int,
+                   gate: GateConfig = GateConfig(), name: str = "template",
+                   synchronized_bn: bool = False,
+                   strategy: FusionStrategy | None = None) -> Template:
+    """The template network of ``config`` (see ``Template``)."""
+    return Template(config, num_classes, gate, strategy=strategy,
+                    synchronized_bn=synchronized_bn, name=name)
 
 
 def transfer_template_weights(template: keras.Model, network: keras.Model) -> int:
@@ -242,15 +300,15 @@ def transfer_template_weights(template: keras.Model, network: keras.Model) -> in
     return copied
 
 
-def strategy_network(template: keras.Model, config: TemplateConfig, strategy: FusionStrategy,
-                     name: str = "densenet3d") -> keras.Model:
+def strategy_network(template: Template, strategy: FusionStrategy,
+                     name: str = "densenet3d") -> Template:
     """The gate-free network of ``strategy`` carrying ``template``'s weights.
 
     It computes what the template computes with that strategy's masks in
     inference, without the dropped branches' parameters and FLOPs and without
-    gates: the network to deploy.  ``config`` is the template's own config.
+    gates: the network to deploy.
     """
-    net = build_template(config, int(template.output_shape[-1]), strategy=strategy, name=name)
+    net = build_template(template.config, template.num_classes, strategy=strategy, name=name)
     transfer_template_weights(template, net)
     return net
 
@@ -259,14 +317,16 @@ class TemplateGates:
     """Named access to a template's gates: positions, drop rates, masks, modes.
 
     Works on any model built by ``build_template`` (also after loading it
-    from disk), by looking gates up by their layer names.
+    from disk): positions come from the model, gates by their layer names.
     """
 
     def __init__(self, model: keras.Model, positions=None):
         by_name = {g.name: g for g in gate_layers(model)}
         if positions is None:
-            positions = [n[: -len("_s_gate")] for n in by_name if n.endswith("_s_gate")]
-            positions = [_position_from_key(k) for k in positions]
+            positions = getattr(model, "positions", None)
+        if positions is None:  # a functional model saved before the Template class
+            positions = [_position_from_key(n[: -len("_s_gate")])
+                         for n in by_name if n.endswith("_s_gate")]
         self.positions = tuple(positions)
         try:
             self.s = [by_name[_gate_names(p)[0]] for p in self.positions]

@@ -1,0 +1,253 @@
+"""Keras callbacks of a training run.
+
+* ``GateSchedule``: gates off for the first ``warmup_epochs`` (the paper's
+  warm-up without v-DropPath), on afterwards.  The switch is a variable
+  assignment (no retrace) and depends only on the epoch, so it survives resume.
+* ``AtomicCheckpoint``: a ``tf.train.CheckpointManager`` of model, optimizer
+  and epoch, written at the end of every epoch and kept to the last K.  TF
+  writes the data and index files first and the ``checkpoint`` state file last
+  by rename, so a run killed mid-write (even ``kill -9``) resumes from the last
+  complete checkpoint.  An "epoch" is ``steps_per_epoch`` optimizer steps, so a
+  resumed run ends at the same step count as an uninterrupted one.
+* ``FusionSummaries``: cross-entropy vs regulariser split, learning rate,
+  drop-rate histograms and the marginal bar chart (Fig. 4 style) in TensorBoard.
+* ``InputHealth``: clips and records the input pipeline dropped as corrupt.
+* ``StopOnNonFinite``: NaN/Inf loss stops the run with a clear message; the
+  last good checkpoint is kept (the bad epoch is never saved).
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from stfusion_tf.analysis import marginals as marg
+from stfusion_tf.model import gates as gates_lib
+from stfusion_tf.model import template as tpl
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def inner_optimizers(optimizer) -> list:
+    """The optimizers that hold state: a MultiOptimizer's own, or the optimizer itself
+    (the weights' optimizer first)."""
+    if isinstance(optimizer, keras.optimizers.MultiOptimizer):
+        default = optimizer._optimizer_map.default_optimizer
+        return [default] + [o for o in optimizer.optimizers if o is not default]
+    return [optimizer]
+
+
+def learning_rate(optimizer) -> float:
+    """The current learning rate of the weights."""
+    opt = inner_optimizers(optimizer)[0]
+    lr = opt.learning_rate
+    return float(lr(opt.iterations)) if callable(lr) else float(np.asarray(lr))
+
+
+class GateSchedule(keras.callbacks.Callback):
+    def __init__(self, warmup_epochs: int):
+        super().__init__()
+        self.warmup_epochs = warmup_epochs
+
+    def on_epoch_begin(self, epoch, logs=None):
+        gates_lib.set_enabled(gates_lib.gate_layers(self.model), epoch >= self.warmup_epochs)
+
+
+class InputHealth(keras.callbacks.Callback):
+    """Logs how many training clips the input pipeline dropped as corrupt."""
+
+    def __init__(self, stats, log_dir: str, log=print):
+        super().__init__()
+        self.stats, self.log = stats, log
+        self.writer = tf.summary.create_file_writer(log_dir)
+        self.reported = (0, 0)
+
+    def on_epoch_end(self, epoch, logs=None):
+        counts = (self.stats.dropped, self.stats.lost_records)
+        if logs is not None:
+            logs["input_dropped_clips"] = float(counts[0])
+            logs["input_lost_records"] = float(counts[1])
+        with self.writer.as_default(step=epoch):
+            tf.summary.scalar("input/dropped_clips", counts[0])
+            tf.summary.scalar("input/lost_records", counts[1])
+        if counts != self.reported:
+            self.log(f"[input] so far {counts[0]} clip(s) dropped for corrupt frames, "
+                     f"{counts[1]} record(s) lost to corrupt records (see tf.data warnings)")
+            self.reported = counts
+
+
+class StopOnNonFinite(keras.callbacks.Callback):
+    def on_train_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(float(loss)):
+            raise NonFiniteLossError(
+                f"loss became {loss} at batch {batch}; stopping. The last good checkpoint "
+                "is kept; lower --learning_rate or check the input data.")
+
+
+class AtomicCheckpoint(keras.callbacks.Callback):
+    """Saves to ``directory``; restores from ``restore_from`` (the chief's folder).
+
+    In multi-worker training every worker takes part in saving, but only the
+    chief writes the real checkpoints; the others write to a scratch folder.
+    """
+
+    def __init__(self, directory: str, max_to_keep: int, restore_from: str | None = None):
+        super().__init__()
+        self.directory = directory
+        self.restore_from = restore_from or directory
+        self.max_to_keep = max_to_keep
+        self.epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+
+    def attach(self, model):
+        # A MultiOptimizer does not expose its inner optimizers to tf.train.Checkpoint:
+        # track them by name, or a resumed run restarts their moments from zero.
+        inner = {f"optimizer_{i}": o for i, o in enumerate(inner_optimizers(model.optimizer))
+                 if o is not model.optimizer}
+        self.ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=self.epoch,
+                                        **inner)
+        self.manager = tf.train.CheckpointManager(self.ckpt, self.directory, self.max_to_keep)
+        return self
+
+    def restore(self) -> int:
+        """Restores the latest checkpoint if any; returns the epoch to start from."""
+        latest = tf.train.latest_checkpoint(self.restore_from)
+        if latest:
+            self.ckpt.restore(latest).expect_partial()
+            return int(self.epoch.numpy())
+        return 0
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.epoch.assign(epoch + 1)
+        self.manager.save(checkpoint_number=epoch + 1)
+
+
+class FusionSummaries(keras.callbacks.Callback):
+    def __init__(self, log_dir: str, positions):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(log_dir)
+        self.positions = positions
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs if logs is not None else {}
+        gl = gates_lib.gate_layers(self.model)
+        if gl and int(gl[0].enabled.numpy()):
+            # From the gates, not loss - cross_entropy: Keras' displayed loss counts add_loss
+            # terms once per replica under MirroredStrategy with synchronized BN.
+            logs["regularizer"] = float(sum(float(x.regularization()) for x in gl))
+        else:
+            logs["regularizer"] = 0.0
+        logs["learning_rate"] = learning_rate(self.model.optimizer)
+        with self.writer.as_default(step=epoch):
+            tf.summary.scalar("learning_rate", logs["learning_rate"])
+            tf.summary.scalar("loss/regularizer", logs["regularizer"])
+            if "cross_entropy" in logs:
+                tf.summary.scalar("loss/cross_entropy", logs["cross_entropy"])
+            if gl and self.positions:
+                rates = tpl.TemplateGates(self.model, self.positions).drop_rates()
+                tf.summary.histogram("drop_rate/S_branch", rates[:, 0])
+                tf.summary.histogram("drop_rate/T_branch", rates[:, 1])
+                png = marg.plot(self.positions, rates, title=f"marginals, epoch {epoch + 1}")
+                tf.summary.image("marginals", tf.io.decode_png(png)[None])
+        self.writer.flush()
+
+
+class GateTrace(keras.callbacks.Callback):
+    """The probability space while it learns: drop rates over steps, and where their
+    gradient comes from.
+
+    Every ``every`` optimizer steps the drop rates of every position (S and T
+    branch) and the head gate go to ``trace_path`` (JSONL, one row per trace
+    point) and to TensorBoard (``gates/p_S/<position>``, ``gates/p_T/<position>``).
+    At the end of every variational epoch, with ``batches`` (a dataset of
+    training batches), the gradient of the gate logits is split into its two
+    sources on ``grad_batches`` batches: the data term (mean cross-entropy) and
+    the regulariser; the per-gate means go to the same JSONL and their mean
+    magnitudes to TensorBoard (``gates/grad_data``, ``gates/grad_regularizer``).
+    BatchNorm statistics are restored after those extra forward passes, so the
+    trace does not change the run.
+    """
+
+    def __init__(self, log_dir: str, trace_path: str, positions, every: int = 50,
+                 batches=None, grad_batches: int = 4):
+        super().__init__()
+        self.writer = tf.summary.create_file_writer(log_dir)
+        self.trace_path, self.positions, self.every = trace_path, tuple(positions), every
+        self.batches, self.grad_batches = batches, grad_batches
+        self._iterator = None
+
+    def _gates(self):
+        return tpl.TemplateGates(self.model, self.positions)
+
+    def _append(self, row: dict) -> None:
+        from stfusion_tf import files
+        with files.JsonlAppender(self.trace_path) as f:
+            f.append(row)
+
+    def _trace_rates(self, epoch: int) -> None:
+        gates = self._gates()
+        step = int(self.model.optimizer.iterations.numpy())
+        rates = gates.drop_rates()
+        head = float(gates.head.drop_rate) if gates.head is not None else None
+        self._append({"kind": "drop_rates", "step": step, "epoch": epoch,
+                      "enabled": bool(int(gates.s[0].enabled.numpy())),
+                      "p_S": rates[:, 0].round(5).tolist(), "p_T": rates[:, 1].round(5).tolist(),
+                      "p_head": head})
+        with self.writer.as_default(step=step):
+            for pos, (ps, pt) in zip(self.positions, rates):
+                tf.summary.scalar(f"gates/p_S/{pos}", ps)
+                tf.summary.scalar(f"gates/p_T/{pos}", pt)
+
+    def on_train_begin(self, logs=None):
+        self._epoch = 0
+        self._trace_rates(0)
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if int(self.model.optimizer.iterations.numpy()) % self.every == 0:
+            self._trace_rates(self._epoch)
+
+    def _was_enabled(self) -> bool:
+        return bool(int(self._gates().s[0].enabled.numpy()))
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._trace_rates(epoch)
+        if self.batches is None or not self._was_enabled():
+            return
+        data, reg = self.gradient_sources()
+        step = int(self.model.optimizer.iterations.numpy())
+        self._append({"kind": "gradients", "step": step, "epoch": epoch,
+                      "grad_data": data.round(7).tolist(), "grad_regularizer": reg.round(7).tolist()})
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("gates/grad_data", float(np.mean(np.abs(data))))
+            tf.summary.scalar("gates/grad_regularizer", float(np.mean(np.abs(reg))))
+        self.writer.flush()
+
+    def gradient_sources(self) -> tuple[np.ndarray, np.ndarray]:
+        """Mean gradient of every gate logit (S gates, T gates, head) from the data term
+        and from the regulariser, over ``grad_batches`` training batches."""
+        gates = self._gates().all
+        logits = [g.p_logit for g in gates]
+        state = [v.numpy() for v in self.model.non_trainable_variables]
+        if self._iterator is None:
+            self._iterator = iter(self.batches)
+        ce_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        data = np.zeros(len(logits))
+        for _ in range(self.grad_batches):
+            x, y = next(self._iterator)
+            with tf.GradientTape() as tape:
+                ce = ce_fn(y, self.model(x, training=True))
+            data += np.array([float(g) for g in tape.gradient(ce, logits)]) / self.grad_batches
+        with tf.GradientTape() as tape:
+            reg = tf.add_n([g.regularization() for g in gates])
+        reg_grad = np.array([float(g) for g in tape.gradient(reg, logits)])
+        for v, value in zip(self.model.non_trainable_variables, state):
+            v.assign(value)
+        return data, reg_grad

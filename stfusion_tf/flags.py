@@ -1,0 +1,286 @@
+"""Command-line flags, grouped by the config they build, and their resolution
+against a run's record.
+
+Each group's flags map one-to-one onto the fields of a library config
+dataclass (``InputConfig``, ``GateConfig``, ``TrainConfig``, ``AnalysisConfig``);
+the configs check themselves, once, and a failed check comes back here to be
+reported with flag names.  Only this module and ``main`` read absl flags.
+
+The library is imported inside the builders, not here: absl checks a flag's
+value before TensorFlow loads.  For the same reason the choice lists below are
+written out; ``tests/test_main.py`` fails when one differs from the library's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+
+from absl import flags
+
+from stfusion_tf.errors import UserError
+
+FLAGS = flags.FLAGS
+MODES = ("prepare", "train", "analyze", "export", "generalize", "all", "fidelity", "summary",
+         "data_service")
+SYNTHETIC = ("synthetic_motion", "synthetic_appearance",  # data.synthetic.DATASETS
+             "synthetic_fine_motion")
+LAYOUTS = ("kinetics400", "ssv1", "ssv2", "ucf101", "folder")  # data.convert.LAYOUTS
+DATASETS = SYNTHETIC + LAYOUTS
+PRESETS = ("densenet121", "small", "tiny")  # model.template.PRESETS
+SAMPLINGS = ("dense", "segments")  # data.pipeline.SAMPLINGS
+NUM_CROPS = ("1", "3")  # data.pipeline.NUM_CROPS
+REGULARIZERS = ("code", "paper")  # model.gates.REGULARIZERS
+WEIGHT_TERMS = ("norm", "prior")  # model.gates.WEIGHT_TERMS
+OPTIMIZERS = ("sgd", "adam")  # training.OPTIMIZERS
+GATE_OPTIMIZERS = ("shared", "adam", "sgd")  # training.GATE_OPTIMIZERS
+DISTRIBUTIONS = ("default", "mirrored", "multi_worker", "tpu")  # distribution.DISTRIBUTIONS
+FAMILIES = ("ss", "k400", "ucf")  # model.fusion_rules.FAMILIES
+
+# -- what to run, where --------------------------------------------------------------------
+flags.DEFINE_enum("mode", "all", MODES, "What to run.")
+flags.DEFINE_enum("dataset", "synthetic_motion", DATASETS, "Dataset to prepare / train on.")
+flags.DEFINE_string("data_dir", None, "Dataset directory (shards + manifest.json); local path or "
+                    "http(s)/s3 URL. Default: tfrecords/<dataset>.")
+flags.DEFINE_string("model_dir", None, "Where checkpoints, TensorBoard logs, the run record, the "
+                    "trained template and the analysis go. Default: runs/<dataset>.")
+flags.DEFINE_string("export_dir", None, "SavedModel root. Default: <model_dir>/export.")
+flags.DEFINE_integer("verbose", 1, "Keras progress bar: 0 silent, 1 bar, 2 one line per epoch.")
+flags.DEFINE_bool("debug", False, "Show the traceback of a user error (missing data, bad flag).")
+# -- preparing a dataset (--mode=prepare) ----------------------------------------------------
+flags.DEFINE_string("source_dir", None, "Root of the raw dataset in its official layout "
+                    "(see stfusion_tf/data/convert.py); needed to prepare a real dataset.")
+flags.DEFINE_list("annotations", [], "Kinetics-400 annotation CSVs (default: "
+                  "<source_dir>/annotations/{train,validate}.csv).")
+flags.DEFINE_enum("ucf_split", "1", ["1", "2", "3"], "UCF101 train/test split.")
+flags.DEFINE_integer("short_side", 256, "Stored frames are resized to this short side.",
+                     lower_bound=8)
+flags.DEFINE_integer("clips_per_shard", 256, "Clips per TFRecord shard.", lower_bound=1)
+flags.DEFINE_integer("prepare_workers", None, "Decoding processes (default: 2 or the core count).")
+flags.DEFINE_float("holdout_fraction", 0.0, "Fraction of the training videos moved into a "
+                   "'holdout' split (strategy selection) when a dataset has no spare split.")
+flags.DEFINE_integer("max_frames", 0, "Keep at most this many frames per video (0: all).",
+                     lower_bound=0)
+flags.DEFINE_integer("synthetic_classes", 4, "Classes of a synthetic dataset.", lower_bound=2)
+flags.DEFINE_integer("synthetic_train", 256, "Training clips of a synthetic dataset.", lower_bound=1)
+flags.DEFINE_integer("synthetic_val", 64, "Selection (val) clips of a synthetic dataset.",
+                     lower_bound=1)
+flags.DEFINE_integer("synthetic_test", 64, "Reporting (test) clips of a synthetic dataset.",
+                     lower_bound=1)
+flags.DEFINE_integer("synthetic_frames", 16, "Frames per synthetic clip.", lower_bound=1)
+flags.DEFINE_integer("synthetic_size", 40, "Frame side of synthetic clips (pixels).", lower_bound=8)
+flags.DEFINE_integer("data_seed", 0, "Seed of the synthetic data.")
+# -- input pipeline (InputConfig) ------------------------------------------------------------
+flags.DEFINE_integer("num_frames", 8, "Frames per clip fed to the network.", lower_bound=1)
+flags.DEFINE_integer("frame_stride", 1, "Stride between sampled frames (dense sampling).",
+                     lower_bound=1)
+flags.DEFINE_enum("sampling", "dense", SAMPLINGS, "Frame sampling: dense consecutive "
+                  "frames with --frame_stride, or TSN-style segments (one frame from each of "
+                  "--num_frames equal segments of the video).")
+flags.DEFINE_integer("crop_size", 32, "Spatial crop.", lower_bound=8)
+flags.DEFINE_integer("min_short_side", 36, "Training scale jitter: smallest short side.")
+flags.DEFINE_integer("max_short_side", 44, "Training scale jitter: largest short side.")
+flags.DEFINE_integer("eval_short_side", 40, "Evaluation short side before the centre crop.")
+flags.DEFINE_bool("flip", False, "Random horizontal flip (off for direction-sensitive data).")
+flags.DEFINE_bool("temporal_pool", False, "Temporal average pooling (window 3, stride 2) of the "
+                  "input clip: the supplement's low temporal resolution experiment.")
+flags.DEFINE_integer("batch_size", 8, "Global batch size.", lower_bound=1)
+flags.DEFINE_integer("num_clips", 1, "Evaluation clips per video.", lower_bound=1)
+flags.DEFINE_enum("num_crops", "1", NUM_CROPS,
+                  "Evaluation crops per clip.")
+flags.DEFINE_string("data_service", None, "grpc://HOST:PORT of a tf.data service dispatcher: "
+                    "run training-input preprocessing on its workers.")
+flags.DEFINE_integer("data_service_port", 5050, "--mode=data_service: dispatcher port.")
+flags.DEFINE_integer("data_service_workers", 2, "--mode=data_service: workers in this process.",
+                     lower_bound=1)
+# -- the template (TemplateConfig) and its gates (GateConfig) ------------------------------
+flags.DEFINE_enum("preset", "tiny", PRESETS, "Template network preset.")
+flags.DEFINE_bool("temporal_downsample", False, "Temporally down-sampled template variant.")
+flags.DEFINE_integer("num_classes", 174, "Classes for --mode=summary.")
+flags.DEFINE_float("init_drop_rate", 0.1, "Initial drop rate of every gate.")
+flags.DEFINE_float("temperature", 0.2, "RelaxedBernoulli temperature.")
+flags.DEFINE_bool("rescale", False, "Divide kept activations by (1 - p).")
+flags.DEFINE_enum("regularizer", "code", REGULARIZERS, "Form of the variational regulariser.")
+flags.DEFINE_float("length_scale", 10.0, "Length-scale prior k of the regulariser.")
+flags.DEFINE_enum("weight_term", "norm", WEIGHT_TERMS, "||W||^2 in the regulariser's weight "
+                  "term: the kernel's as trained (norm: paper and code), or its expected value "
+                  "under the weight prior, n_W/k^2 (prior: a price of 1/k nats per kept "
+                  "parameter, independent of the kernel scale that BatchNorm makes arbitrary).")
+# -- training (TrainConfig) and distribution -------------------------------------------------
+flags.DEFINE_integer("epochs", 6, "Total epochs (warm-up included).", lower_bound=1)
+flags.DEFINE_integer("warmup_epochs", 2, "Epochs without v-DropPath at the start.", lower_bound=0)
+flags.DEFINE_float("learning_rate", 0.01, "Initial SGD learning rate.")
+flags.DEFINE_list("lr_steps", [], "Epochs at which the learning rate is multiplied by 0.1.")
+flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+flags.DEFINE_enum("optimizer", "sgd", OPTIMIZERS, "SGD with momentum is the paper's; "
+                  "Adam gets the tiny synthetic runs to converge within the CPU budget.")
+flags.DEFINE_enum("gate_optimizer", "shared", GATE_OPTIMIZERS, "Optimizer of the gates' drop "
+                  "logits: shared with the weights (the authors'), or an Adam / SGD of their own "
+                  "with --gate_learning_rate (same step schedule).")
+flags.DEFINE_float("gate_learning_rate", None, "Learning rate of the gates' own optimizer.")
+flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch (default: clips // batch).")
+flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.", lower_bound=1)
+flags.DEFINE_integer("seed", 0, "Training seed.")
+flags.DEFINE_enum("distribution", "default", DISTRIBUTIONS, "tf.distribute strategy.")
+flags.DEFINE_string("tpu", "", "TPU address for --distribution=tpu.")
+# -- analysis (AnalysisConfig) ------------------------------------------------------------------
+flags.DEFINE_integer("num_samples", 100, "Strategies sampled for ranking.", lower_bound=1)
+flags.DEFINE_integer("sample_seed", 0, "Seed of the strategy sampler.")
+flags.DEFINE_string("selection_split", "val", "Split that ranks strategies.")
+flags.DEFINE_string("report_split", "test", "Split on which Opt and uniform strategies are "
+                    "reported.")
+flags.DEFINE_integer("recalibrate_batches", 0, "Also rank with BatchNorm statistics re-estimated "
+                     "per sampled sub-network on this many training batches (0: off, as the "
+                     "authors); the report compares both rankings.", lower_bound=0)
+flags.DEFINE_integer("fidelity_strategies", 5, "--mode=fidelity: strategies trained stand-alone.",
+                     lower_bound=2)
+# -- backbones (--mode=generalize, --mode=summary) ---------------------------------------------
+flags.DEFINE_list("backbones", [], "3D backbones for --mode=generalize (also run by --mode=all "
+                  "when set) and --mode=summary: resnet50, resnext50, resnext101, mobilenetv2, "
+                  "densenet121, or the *_tiny versions.")
+flags.DEFINE_list("backbone_strategies", ["opt", "S+ST", "S", "ST"], "Fusion strategies per "
+                  "backbone: opt (from the template's analysis), paper (the paper's hand rule), "
+                  "S, ST, S+ST, a unit list per stage or position, or a FusionStrategy JSON path.")
+flags.DEFINE_enum("fusion_family", "auto", ("auto",) + FAMILIES, "Dataset family of "
+                  "the paper's hand rules (auto: from --dataset).")
+flags.DEFINE_integer("generalize_epochs", 0, "Epochs of each --mode=generalize network (0: "
+                     "--epochs); every backbone and strategy gets the same budget.", lower_bound=0)
+flags.DEFINE_integer("generalize_seeds", 1, "Training runs (seeds 0..N-1) per --mode=generalize "
+                     "cell; the table reports mean and standard deviation.", lower_bound=1)
+flags.DEFINE_integer("backbone_temporal_stride", 1, "Temporal stride of the backbones' stem "
+                     "(2 in the authors' Kinetics/UCF networks).", lower_bound=1)
+flags.DEFINE_string("inflate_weights", None, "Local weights file of the keras.applications 2D "
+                    "network (ResNet50, MobileNetV2, DenseNet121) to inflate into each backbone "
+                    "before training; nothing is downloaded.")
+# -- export ------------------------------------------------------------------------------------
+flags.DEFINE_string("strategy", "opt", "Classifier to export: 'opt' (the analysis' best sampled "
+                    "strategy), 'S', 'ST', 'S+ST', or a FusionStrategy JSON path.")
+
+#: Config field -> flag, per config: the one place that ties flags to the library.
+INPUT_FLAGS = {"num_frames": "num_frames", "stride": "frame_stride", "crop_size": "crop_size",
+               "min_short_side": "min_short_side", "max_short_side": "max_short_side",
+               "eval_short_side": "eval_short_side", "flip": "flip", "num_clips": "num_clips",
+               "num_crops": "num_crops", "temporal_pool": "temporal_pool",
+               "sampling": "sampling", "batch_size": "batch_size"}
+GATE_FLAGS = {"init_drop_rate": "init_drop_rate", "temperature": "temperature",
+              "rescale": "rescale", "regularizer": "regularizer", "length_scale": "length_scale",
+              "weight_term": "weight_term"}
+TRAIN_FLAGS = {"epochs": "epochs", "warmup_epochs": "warmup_epochs",
+               "learning_rate": "learning_rate", "lr_steps": "lr_steps", "momentum": "momentum",
+               "optimizer": "optimizer", "steps_per_epoch": "steps_per_epoch",
+               "keep_checkpoints": "keep_checkpoints", "seed": "seed",
+               "gate_optimizer": "gate_optimizer", "gate_learning_rate": "gate_learning_rate"}
+ANALYSIS_FLAGS = {"num_samples": "num_samples", "seed": "sample_seed",
+                  "selection_split": "selection_split", "report_split": "report_split",
+                  "recalibrate_batches": "recalibrate_batches"}
+#: Flags that do not define a run, so the run record neither keeps nor restores them.
+OPERATIONAL = ("mode", "model_dir", "export_dir", "verbose", "debug", "strategy",
+               "data_service_port", "data_service_workers", "prepare_workers", "num_classes")
+
+
+def _build(cls, mapping: dict, convert_values=None):
+    values = {field: FLAGS[flag].value for field, flag in mapping.items()}
+    values.update(convert_values or {})
+    try:
+        return cls(**values)
+    except (UserError, ValueError, TypeError) as e:
+        raise UserError(flag_message(str(e), mapping)) from None
+
+
+def flag_message(message: str, mapping: dict) -> str:
+    """A config's error message with its field names replaced by the flags that set them."""
+    for field, flag in sorted(mapping.items(), key=lambda kv: -len(kv[0])):
+        message = re.sub(rf"(?<![\w-]){field}(?=\W|$)", f"--{flag}", message)
+    return message
+
+
+def input_config():
+    from stfusion_tf.data import pipeline
+    return _build(pipeline.InputConfig, INPUT_FLAGS, {"num_crops": int(FLAGS.num_crops)})
+
+
+def template_config():
+    """The preset with the input geometry (frames after pooling, crop) and variant."""
+    from stfusion_tf.model import template as tpl
+    icfg = input_config()
+    return tpl.preset(FLAGS.preset, temporal_downsample=FLAGS.temporal_downsample,
+                      num_frames=icfg.model_frames, crop_size=icfg.crop_size)
+
+
+def gate_config(dataset_size: int = 1):
+    from stfusion_tf.model import template as tpl
+    return _build(tpl.GateConfig, GATE_FLAGS, {"dataset_size": dataset_size})
+
+
+def train_config(**overrides):
+    from stfusion_tf import training
+    try:
+        steps = tuple(int(s) for s in FLAGS.lr_steps)
+    except ValueError:
+        raise UserError(f"--lr_steps must be whole epoch numbers, got {FLAGS.lr_steps}") from None
+    cfg = _build(training.TrainConfig, TRAIN_FLAGS, {"lr_steps": steps})
+    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+
+
+def analysis_config():
+    from stfusion_tf.analysis import report
+    return _build(report.AnalysisConfig, ANALYSIS_FLAGS)
+
+
+def check() -> None:
+    """Builds every config once, so a bad flag stops the run before any work."""
+    input_config()
+    template_config()
+    gate_config()
+    train_config()
+    analysis_config()
+    if FLAGS.data_service and not FLAGS.data_service.startswith("grpc://"):
+        raise UserError(f"--data_service={FLAGS.data_service!r} must look like grpc://HOST:PORT")
+
+
+def paths() -> tuple[str, str, str]:
+    data_dir = FLAGS.data_dir or os.path.join("tfrecords", FLAGS.dataset)
+    model_dir = FLAGS.model_dir or os.path.join("runs", FLAGS.dataset)
+    export_dir = FLAGS.export_dir or os.path.join(model_dir, "export")
+    return data_dir, model_dir, export_dir
+
+
+def _recorded() -> list[str]:
+    return [name for name in FLAGS.get_key_flags_for_module(__name__)
+            if name.name not in OPERATIONAL]
+
+
+def write_record(model_dir: str, data_dir: str) -> dict:
+    """Writes the run record of a training run (see ``run_record``)."""
+    values = {f.name: f.value for f in _recorded()}
+    values["data_dir"] = data_dir if "://" in data_dir else os.path.abspath(data_dir)
+    configs = {"input": input_config(), "template": template_config(), "gate": gate_config(),
+               "train": train_config(), "analysis": analysis_config()}
+    from stfusion_tf import run_record
+    return run_record.write(model_dir, values,
+                            {k: dataclasses.asdict(v) for k, v in configs.items()})
+
+
+def apply_record(model_dir: str, log=print) -> dict | None:
+    """Takes every run-defining flag the user did not give from ``model_dir``'s run
+    record; a flag given explicitly wins, and each one that differs is said in one line."""
+    from stfusion_tf import run_record
+    record = run_record.read(model_dir)
+    if record is None:
+        return None
+    for flag in _recorded():
+        if flag.name not in record["flags"]:
+            continue
+        value = record["flags"][flag.name]
+        if flag.present:
+            if flag.value != value:
+                log(f"[run] --{flag.name}={_show(flag.value)} overrides the run record's "
+                    f"{_show(value)}")
+        else:
+            flag.value = value
+    return record
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
