@@ -14,6 +14,7 @@ FAST = [
     "data",
     "convert",
     "stack",
+    "training",
 ]
 
 SLOW = [

@@ -41,7 +41,7 @@ TASKS = {  # name: (flagfile, extra flags)
     "motion": ("synthetic_motion", []),
     "appearance": ("synthetic_appearance", []),
     "fine_motion": ("synthetic_fine_motion", []),
-    "motion_tpool": ("synthetic_motion", ["--temporal_pool"]),
+    "motion_tpool": ("synthetic_motion", ["--num_frames=16", "--temporal_pool"]),
 }
 DATASET = {"synthetic_motion": "synthetic_motion", "synthetic_appearance": "synthetic_appearance",
            "synthetic_fine_motion": "synthetic_fine_motion"}

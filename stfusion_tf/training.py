@@ -114,7 +114,8 @@ def _compile(model, cfg: TrainConfig, steps: int) -> None:
     model.optimizer.build(model.trainable_variables)
 
 
-def _callbacks(model, cfg: TrainConfig, write_dir: str, ckpt, stats, trace_ds, log) -> list:
+def _callbacks(model, cfg: TrainConfig, write_dir: str, ckpt, stats, trace_ds, trace_every,
+               log) -> list:
     gated = bool(gates_lib.gate_layers(model)) and cfg.warmup_epochs < cfg.epochs
     positions = getattr(model, "positions", None) if gated else None
     trace = []
@@ -122,7 +123,7 @@ def _callbacks(model, cfg: TrainConfig, write_dir: str, ckpt, stats, trace_ds, l
         # The gradient split needs plain forward passes: single-replica runs only.
         trace = [cb.GateTrace(os.path.join(write_dir, "tensorboard", "gates"),
                               os.path.join(write_dir, TRACE_FILE), positions,
-                              batches=trace_ds)]
+                              every=trace_every, batches=trace_ds)]
     return [
         cb.GateSchedule(cfg.warmup_epochs),
         cb.StopOnNonFinite(),
@@ -138,7 +139,8 @@ def _callbacks(model, cfg: TrainConfig, write_dir: str, ckpt, stats, trace_ds, l
 def train(model: keras.Model, model_dir: str, data_dir: str, input_cfg: pipeline.InputConfig,
           cfg: TrainConfig, distribution=None, train_split: str = "train",
           eval_split: str | None = "val", verbose: int = 1, log=print,
-          data_service: str | None = None, model_file: str = MODEL_FILE) -> dict:
+          data_service: str | None = None, model_file: str = MODEL_FILE,
+          trace_every: int = 50) -> dict:
     """Trains (or resumes) ``model`` in ``model_dir``; returns the summary it writes.
 
     ``model`` was built inside ``distribution.scope()`` (default: the default
@@ -147,7 +149,8 @@ def train(model: keras.Model, model_dir: str, data_dir: str, input_cfg: pipeline
     the loss by 1/replicas, so it counts once in the gradient.  A template's
     gates switch on after ``cfg.warmup_epochs``; a network without gates (a
     backbone, or a template whose gates hold a fixed strategy's masks) simply
-    trains.  The model is saved as ``model_file``.
+    trains.  The model is saved as ``model_file``; a template's drop rates are
+    traced every ``trace_every`` steps (``gate_trace.jsonl``, ``callbacks.GateTrace``).
     """
     distribution = distribution or tf.distribute.get_strategy()
     os.makedirs(model_dir, exist_ok=True)
@@ -173,7 +176,7 @@ def train(model: keras.Model, model_dir: str, data_dir: str, input_cfg: pipeline
     # The gate trace splits gradients on batches of its own (plain forward passes:
     # single-replica local runs only).
     trace_ds = pipeline.train_dataset(data_dir, train_split, input_cfg) if local else None
-    callbacks = _callbacks(model, cfg, write_dir, ckpt, stats, trace_ds, log)
+    callbacks = _callbacks(model, cfg, write_dir, ckpt, stats, trace_ds, trace_every, log)
     history = _fit(model, distribution, train_ds, cfg, start_epoch, steps, input_cfg.batch_size,
                    callbacks, verbose)
     gates_lib.set_enabled(gates_lib.gate_layers(model), cfg.epochs > cfg.warmup_epochs)

@@ -15,11 +15,15 @@ TINY = ["--synthetic_train=32", "--synthetic_val=8", "--synthetic_test=8", "--sy
         "--verbose=0"]
 
 
-def _main(tmp_path, *args):
+def _run(*args, cwd=ROOT):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
-    cmd = [sys.executable, "-m", "stfusion_tf.main", "--flagfile=configs/synthetic_motion.flags",
-           f"--data_dir={tmp_path}/data", f"--model_dir={tmp_path}/run", *TINY, *args]
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    return subprocess.run([sys.executable, "-m", "stfusion_tf.main", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def _main(tmp_path, *args):
+    r = _run("--flagfile=configs/synthetic_motion.flags", f"--data_dir={tmp_path}/data",
+             f"--model_dir={tmp_path}/run", *TINY, *args)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-4000:]
     return r.stdout
 
@@ -59,6 +63,18 @@ def test_mode_all_then_resume(tmp_path):
     for tag in ("epoch_loss", "epoch_accuracy", "loss/regularizer", "loss/cross_entropy",
                 "learning_rate", "drop_rate/S_branch", "marginals"):
         assert tag in tags, (tag, tags)
+    # The run record: --model_dir alone is enough to analyse the run on its own geometry and
+    # data (from another working directory); an explicit flag overrides it and says so; a
+    # geometry the trained template cannot take is a one-line error.
+    record = json.loads((run / "run.json").read_text())
+    assert record["configs"]["input"]["num_frames"] == 8 and record["flags"]["data_dir"]
+    r = _run("--mode=analyze", f"--model_dir={run}", "--num_samples=4", cwd=str(tmp_path))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "[analyze]" in r.stdout and "--num_samples=4 overrides the run record's 6" in r.stdout
+    assert len((run / "analysis/ranking.jsonl").read_text().splitlines()) == 4
+    r = _run("--mode=analyze", f"--model_dir={run}", "--num_frames=16", cwd=str(tmp_path))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "takes 8x32x32 clips" in r.stderr and "16x32x32" in r.stderr
     # Resume: one more epoch continues from the checkpoint of epoch 2.
     out = _main(tmp_path, "--mode=train", "--epochs=3")
     assert "[train]" in out

@@ -153,3 +153,42 @@ def test_mask_mode_holds_in_training_without_regulariser():
     assert float(g.losses[-1]) == 0.0
     g.mask.assign(1.0)
     np.testing.assert_allclose(g(x, training=True), g.layer(x), rtol=1e-5, atol=1e-6)
+
+
+def test_relaxed_sample_is_tfps_distribution_with_a_finite_gradient_at_any_logit():
+    import tensorflow_probability as tfp
+    for logit in (-30.0, -12.0, -4.0, 0.0, 4.0, 9.0, 12.0, 30.0):
+        v = tf.Variable(logit)
+        with tf.GradientTape() as tape:
+            dist = G.StableRelaxedBernoulli(0.2, logits=v)
+            s = dist.sample([4000, 1, 1], seed=3)
+            total = tf.reduce_sum(s)
+        g = tape.gradient(total, v)
+        assert isinstance(dist, tfp.distributions.RelaxedBernoulli)
+        assert np.isfinite(float(g)) and np.all(np.isfinite(s.numpy()))
+        # Low temperature: nearly Bernoulli(sigmoid(logit)).
+        assert abs(float(tf.reduce_mean(tf.round(s))) - float(tf.sigmoid(v))) < 0.03
+    # Where TFP's own sample is finite, both samplers draw the same distribution.
+    q = np.linspace(0.05, 0.95, 19)
+    a = G.StableRelaxedBernoulli(0.5, logits=1.0).sample(20000, seed=7).numpy()
+    b = tfp.distributions.RelaxedBernoulli(0.5, logits=1.0).sample(20000, seed=8).numpy()
+    np.testing.assert_allclose(np.quantile(a, q), np.quantile(b, q), atol=0.02)
+
+
+def test_prior_weight_term_is_a_price_per_kept_parameter_whatever_the_kernel_scale():
+    p, k, n = 0.3, 20.0, 50
+    g = G.VariationalDropPath(keras.layers.Conv3D(4, (3, 1, 1), padding="same", use_bias=False),
+                              init_drop_rate=p, length_scale=k, dataset_size=n,
+                              weight_term="prior")
+    g.build((None, 2, 3, 3, 5))
+    n_w = 3 * 5 * 4
+    entropy = (p * np.log(p) + (1 - p) * np.log(1 - p)) / n
+    want = (1 - p) * n_w / (k * n) + entropy  # 1/k nats per kept weight, per example
+    assert float(g.regularization()) == pytest.approx(want, rel=1e-5)
+    g.layer.kernel.assign(10.0 * g.layer.kernel)  # BatchNorm would make this a no-op
+    assert float(g.regularization()) == pytest.approx(want, rel=1e-5)
+    norm = _gate("code", "path", p, k, n)
+    norm.layer.kernel.assign(10.0 * norm.layer.kernel)
+    assert float(norm.regularization()) > 10 * float(_gate("code", "path", p, k, n).regularization())
+    with pytest.raises(ValueError, match="valid values: norm, prior"):
+        G.VariationalDropPath(keras.layers.Dense(2), weight_term="he")

@@ -22,13 +22,15 @@ answer for the probability space is known by construction.
   small shape below what 8x8 feature maps resolve; the texture spreads the
   evidence over the frame, as a scene does.)
 
-``synthetic_fine_motion`` (motion needed only at fine scale, in lower layers)
-  A high-frequency random texture (wavelengths 4-8 px) drifts by one pixel per
-  frame in the class direction.  Single frames carry no class information
-  (the texture is stationary), and once feature maps are pooled to cells of
-  8 px or more the texture, and with it its motion, averages out: temporal
-  information exists only at the resolution of the lower layers.  Expected: T
-  branches used more in the lower half of the network than in the upper half.
+``synthetic_fine_motion`` (motion visible only at the resolution of the lower layers)
+  A random periodic texture drifts by three pixels per frame in the class
+  direction.  Single frames carry no class information (the texture is
+  stationary).  Its wavelengths (12-20 px on a 40-px frame) are long enough to
+  survive the stem's 4x down-sampling (finer textures, tried first, alias away
+  before any gated unit sees them and the task is not learnable), and short
+  enough that feature maps pooled to 16-px cells or coarser -- the template's
+  upper half -- no longer resolve the displacement.  Expected: T branches used
+  more in the lower half of the network than in the upper half.
 
 Clips are rendered deterministically from (seed, split, index), written through
 the same writer as real datasets, and resumable shard by shard.
@@ -210,20 +212,22 @@ def render_appearance_clip(rng: np.random.Generator, label: int, spec: Synthetic
 
 def render_fine_motion_clip(rng: np.random.Generator, label: int,
                             spec: SyntheticSpec) -> np.ndarray:
-    """Class = direction of a 1-px-per-frame drift of a fine periodic texture."""
+    """Class = direction of a 3-px-per-frame drift of a random periodic texture whose
+    wavelengths (12-20 px on a 40-px frame) survive the stem's 4x down-sampling but
+    average out in the 16-px cells of the upper half."""
     yy, xx = np.meshgrid(np.arange(spec.size), np.arange(spec.size), indexing="ij")
     field = np.zeros((spec.size, spec.size), np.float32)
-    lo, hi = spec.size // 8, spec.size // 4  # wavelengths of 4-8 px on a 40-px frame
+    kmin, kmax = spec.size / 20.0, spec.size / 12.0  # wavenumbers: cycles per frame width
     for _ in range(8):
         while True:
-            ky, kx = rng.integers(-hi, hi + 1, 2)
-            if lo <= np.hypot(ky, kx) <= hi:
+            ky, kx = rng.integers(-int(kmax), int(kmax) + 1, 2)
+            if kmin <= np.hypot(ky, kx) <= kmax:
                 break
         field += np.cos(2 * np.pi * (ky * yy + kx * xx) / spec.size + rng.uniform(0, 2 * np.pi))
     field = ((field - field.min()) / (np.ptp(field) + 1e-6))[..., None]
     c1, c2 = _contrast_colours(rng)
     tex = (field * c1 + (1 - field) * c2).astype(np.float32)
-    step = np.array(_DIR_VEC[DIRECTIONS[label]])
+    step = np.array(_DIR_VEC[DIRECTIONS[label]]) * 3
     return _finish(rng, np.stack([np.roll(tex, tuple(step * t), axis=(0, 1))
                                   for t in range(spec.num_frames)]))
 
