@@ -240,6 +240,14 @@ def write_report(bench, rows, standalone, fidelity, checks, seconds):
     with open(os.path.join(bench.out, "probability_space.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     _chart(bench, rows)
+    from stfusion_tf.analysis import aggregate
+    for task in rows:  # per task: mean marginals with their spread, consensus Opt
+        agg = aggregate.aggregate([bench.run_dir(task, s) for s in bench.seeds],
+                                  os.path.join(bench.out, "aggregate", task),
+                                  title=f"{task}: mean marginals over {len(bench.seeds)} seeds")
+        report["tasks"][task]["consensus_opt"] = agg["consensus"]["code"]
+    with open(os.path.join(bench.out, "probability_space.json"), "w") as f:
+        json.dump(report, f, indent=1)
     return report
 
 

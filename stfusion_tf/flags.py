@@ -23,7 +23,7 @@ from stfusion_tf.errors import UserError
 
 FLAGS = flags.FLAGS
 MODES = ("prepare", "train", "analyze", "export", "generalize", "all", "fidelity", "summary",
-         "data_service")
+         "data_service", "aggregate")
 SYNTHETIC = ("synthetic_motion", "synthetic_appearance",  # data.synthetic.DATASETS
              "synthetic_fine_motion")
 LAYOUTS = ("kinetics400", "ssv1", "ssv2", "ucf101", "folder")  # data.convert.LAYOUTS
@@ -135,6 +135,10 @@ flags.DEFINE_integer("recalibrate_batches", 0, "Also rank with BatchNorm statist
                      "authors); the report compares both rankings.", lower_bound=0)
 flags.DEFINE_integer("fidelity_strategies", 5, "--mode=fidelity: strategies trained stand-alone.",
                      lower_bound=2)
+flags.DEFINE_list("runs", [], "--mode=aggregate: analysed model directories of one template "
+                  "trained with different seeds.")
+flags.DEFINE_string("aggregate_dir", None, "--mode=aggregate: output folder (default: "
+                    "'aggregate' beside the first run).")
 # -- backbones (--mode=generalize, --mode=summary) ---------------------------------------------
 flags.DEFINE_list("backbones", [], "3D backbones for --mode=generalize (also run by --mode=all "
                   "when set) and --mode=summary: resnet50, resnext50, resnext101, mobilenetv2, "
@@ -175,7 +179,8 @@ ANALYSIS_FLAGS = {"num_samples": "num_samples", "seed": "sample_seed",
                   "selection_split": "selection_split", "report_split": "report_split",
                   "recalibrate_batches": "recalibrate_batches"}
 #: Flags that do not define a run, so the run record neither keeps nor restores them.
-OPERATIONAL = ("mode", "model_dir", "export_dir", "verbose", "debug", "strategy",
+OPERATIONAL = ("mode", "model_dir", "export_dir", "verbose", "debug", "strategy", "runs",
+               "aggregate_dir",
                "data_service_port", "data_service_workers", "prepare_workers", "num_classes")
 
 

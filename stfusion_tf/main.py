@@ -50,20 +50,9 @@ def run_prepare(data_dir):
 
 def _prepare_real(data_dir):
     from stfusion_tf.data import convert
-    if not FLAGS.source_dir:
-        raise UserError(f"--dataset={FLAGS.dataset} needs --source_dir (the raw dataset)")
-    try:
-        listing = convert.list_dataset(FLAGS.dataset, FLAGS.source_dir, int(FLAGS.ucf_split),
-                                       FLAGS.annotations)
-        listing = convert.carve_holdout(listing, FLAGS.holdout_fraction)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"cannot read {FLAGS.dataset} from {FLAGS.source_dir}: {e}") from None
-    manifest = convert.convert(listing, data_dir, FLAGS.dataset, short_side=FLAGS.short_side,
-                               clips_per_shard=FLAGS.clips_per_shard, workers=FLAGS.prepare_workers,
-                               max_frames=FLAGS.max_frames)
-    if not any(s["num_clips"] for s in manifest["splits"].values()):
-        raise UserError(f"no clip of {FLAGS.source_dir} could be converted; "
-                        f"see {data_dir}/manifest.json for the reasons")
+    convert.prepare(FLAGS.dataset, FLAGS.source_dir, data_dir, int(FLAGS.ucf_split),
+                    FLAGS.annotations, FLAGS.holdout_fraction, FLAGS.short_side,
+                    FLAGS.clips_per_shard, FLAGS.prepare_workers, FLAGS.max_frames)
 
 
 def _distribution():
@@ -219,26 +208,10 @@ def run_generalize(data_dir, model_dir):
 
 
 def run_summary():
-    import numpy as np
-    from stfusion_tf.model import backbones
-    from stfusion_tf.model import template as tpl
-    cfg = cli.template_config()
-    model = tpl.build_template(cfg, FLAGS.num_classes, cli.gate_config())
-    kernels = int(sum(np.prod(v.shape) for v in model.weights if v.path.endswith("kernel")))
-    out = {"preset": FLAGS.preset, "input": list(model.input_shape[1:]),
-           "num_classes": FLAGS.num_classes, "positions": len(model.positions),
-           **backbones.count_params(model), "params_conv_fc_kernels": kernels, "backbones": []}
-    for name in FLAGS.backbones:
-        bcfg = backbones.preset(name, **_backbone_overrides())
-        pos = backbones.positions(bcfg)
-        row = {"backbone": name, "input": [bcfg.num_frames, bcfg.crop_size, bcfg.crop_size, 3],
-               "positions": len(pos)}
-        for unit in ("S", "ST", "S+ST"):
-            net = backbones.build_backbone(bcfg, backbones.FusionStrategy.uniform(pos, unit),
-                                           FLAGS.num_classes)
-            row[f"params_{unit}"] = backbones.count_params(net)["params_trainable"]
-        out["backbones"].append(row)
-    print(json.dumps(out, indent=1))
+    from stfusion_tf.model import summary
+    out = summary.parameter_summary(cli.template_config(), FLAGS.num_classes, cli.gate_config(),
+                                    FLAGS.backbones, **_backbone_overrides())
+    print(json.dumps({"preset": FLAGS.preset, **out}, indent=1))
 
 
 def run_data_service():
@@ -249,6 +222,17 @@ def run_data_service():
     print(f"[data_service] dispatcher at {svc.target} with {FLAGS.data_service_workers} workers; "
           f"train with --data_service={svc.target}", flush=True)
     svc.join()
+
+
+def run_aggregate():
+    from stfusion_tf.analysis import aggregate
+    if not FLAGS.runs:
+        raise UserError("--mode=aggregate needs --runs=DIR,DIR,... (analysed model directories)")
+    out = FLAGS.aggregate_dir or os.path.join(os.path.dirname(FLAGS.runs[0].rstrip("/")), "aggregate")
+    r = aggregate.aggregate(FLAGS.runs, out)
+    tu = r["temporal_use"]["T_use"]
+    print(f"[aggregate] {out}/aggregate.md: {len(FLAGS.runs)} runs; T-branch use "
+          f"{tu[0]:.3f} ± {tu[1]:.3f}; consensus Opt {r['consensus']['code']}")
 
 
 def _check_backbones():
@@ -267,6 +251,8 @@ def run(mode: str) -> None:
         return run_summary()
     if mode == "data_service":
         return run_data_service()
+    if mode == "aggregate":
+        return run_aggregate()
     data_dir, model_dir, export_dir = cli.paths()
     if mode in ("analyze", "export", "generalize", "fidelity") and \
             cli.apply_record(model_dir, log=print) is not None:

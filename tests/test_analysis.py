@@ -188,3 +188,33 @@ def test_generalization_trains_each_network_once_and_resumes(tmp_path):
     assert cell["seeds"] == 2 and cell["video_top1"] == pytest.approx(0.85)
     assert cell["video_top1_std"] == pytest.approx(np.std([0.9, 0.8], ddof=1))
     assert "85.0 ± 7.1" in (tmp_path / "two/analysis/generalization.md").read_text()
+
+
+def test_aggregate_over_seeds_means_spreads_and_consensus(tmp_path):
+    import json
+    from stfusion_tf.analysis import aggregate, marginals
+    positions = ["B1.L1", "T1", "B2.L1"]
+    opts = [("S+ST", "ST", "S"), ("S+ST", "ST", "ST"), ("ST", "ST", "S")]
+    rates = [np.array([[0.1, 0.2], [0.9, 0.01], [0.3, 0.6]]),
+             np.array([[0.2, 0.1], [0.8, 0.02], [0.5, 0.2]]),
+             np.array([[0.3, 0.3], [0.7, 0.03], [0.1, 0.9]])]
+    runs = []
+    for i, (units, r) in enumerate(zip(opts, rates)):
+        d = tmp_path / f"seed{i}" / "analysis"
+        d.mkdir(parents=True)
+        (d / "marginals.json").write_text(json.dumps(marginals.marginals_table(positions, r)))
+        opt = FusionStrategy(tuple(positions), units)
+        (d / "summary.json").write_text(json.dumps({"opt": opt.to_dict()}))
+        runs.append(str(tmp_path / f"seed{i}"))
+    out = aggregate.aggregate(runs, str(tmp_path / "agg"))
+    row = out["rows"][2]
+    m = np.stack([marginals.marginals(r) for r in rates])
+    assert row["S"][0] == pytest.approx(m[:, 2, 0].mean()) and row["S"][1] == pytest.approx(m[:, 2, 0].std())
+    assert row["p_T"][0] == pytest.approx(np.mean([0.6, 0.2, 0.9]))
+    assert out["consensus"]["units"] == ["S+ST", "ST", "S"]
+    assert [r["agreement"] for r in out["rows"]] == pytest.approx([2 / 3, 1.0, 2 / 3])
+    for f in ("marginals.json", "marginals.csv", "marginals.png", "consensus_strategy.json",
+              "aggregate.md"):
+        assert (tmp_path / "agg" / f).exists(), f
+    with pytest.raises(ValueError, match="run --mode=analyze"):
+        aggregate.aggregate(runs + [str(tmp_path / "missing")], str(tmp_path / "agg2"))

@@ -145,9 +145,10 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_checkpoint
     r = subprocess.run(_cmd(tiny_data, *base, "--epochs=1"), env=ENV, cwd=ROOT,
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
-    # Resume with a length-scale prior that overflows float32: the regulariser, on from epoch 2,
-    # makes the loss infinite.
-    r = subprocess.run(_cmd(tiny_data, *base, "--epochs=3", "--length_scale=1e39"), env=ENV,
+    # Resume with a length-scale that overflows float32 in the paper's norm-form weight term
+    # (k^2 ||W||^2): the regulariser, on from epoch 2, makes the loss infinite.
+    r = subprocess.run(_cmd(tiny_data, *base, "--epochs=3", "--weight_term=norm",
+                            "--length_scale=1e39"), env=ENV,
                        cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert r.returncode == 3
     assert "[train] stopped: loss became" in r.stderr and "Traceback" not in r.stderr

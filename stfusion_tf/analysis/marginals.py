@@ -64,8 +64,9 @@ def to_json(rows: list[dict]) -> str:
 
 
 def plot(positions: Sequence[str], drop_rates, best: FusionStrategy | None = None,
-         title: str = "Layer-level marginals") -> bytes:
-    """PNG bytes of a Fig. 4 style chart: three bars per position, best strategy dots."""
+         title: str = "Layer-level marginals", spread=None) -> bytes:
+    """PNG bytes of a Fig. 4 style chart: three bars per position, best strategy dots;
+    ``spread`` [P, 3] (e.g. the std over seeds of P(S), P(ST), P(S+ST)) as error bars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -76,7 +77,9 @@ def plot(positions: Sequence[str], drop_rates, best: FusionStrategy | None = Non
     w = 0.27
     fig, ax = plt.subplots(figsize=(max(6.0, 0.22 * n + 2), 3.2), dpi=110)
     for j, unit in enumerate((S, ST, S_ST)):
-        ax.bar(x + (j - 1) * w, m[:, j], w, color=COLOURS[unit], label=f"P({unit})")
+        err = None if spread is None else np.asarray(spread)[:, j]
+        ax.bar(x + (j - 1) * w, m[:, j], w, color=COLOURS[unit], label=f"P({unit})", yerr=err,
+               error_kw={"elinewidth": 0.6, "capsize": 1.5})
     if best is not None:
         for j, unit in enumerate((S, ST, S_ST)):
             idx = [i for i, u in enumerate(best.units) if u == unit]

@@ -36,6 +36,7 @@ from typing import Callable, Sequence
 
 
 from stfusion_tf import files
+from stfusion_tf.errors import UserError
 from stfusion_tf.data import records
 from stfusion_tf.progress import Progress
 
@@ -386,3 +387,23 @@ def list_dataset(layout: str, source_dir: str, ucf_split: int = 1,
         return list_ucf101(_first_existing(j("UCF-101"), j("videos")),
                            _first_existing(j("ucfTrainTestlist"), j("splits")), ucf_split)
     return list_folder(source_dir)
+
+
+def prepare(dataset: str, source_dir: str | None, data_dir: str, ucf_split: int = 1,
+            annotations: Sequence[str] = (), holdout_fraction: float = 0.0, short_side: int = 256,
+            clips_per_shard: int = 256, workers: int | None = None, max_frames: int = 0) -> dict:
+    """``--mode=prepare`` for a real dataset: list it from its official layout, carve a
+    holdout split, convert; a user error (missing or unreadable source) is a UserError."""
+    if not source_dir:
+        raise UserError(f"--dataset={dataset} needs --source_dir (the raw dataset)")
+    try:
+        listing = carve_holdout(list_dataset(dataset, source_dir, ucf_split, annotations),
+                                holdout_fraction)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"cannot read {dataset} from {source_dir}: {e}") from None
+    manifest = convert(listing, data_dir, dataset, short_side=short_side,
+                       clips_per_shard=clips_per_shard, workers=workers, max_frames=max_frames)
+    if not any(s["num_clips"] for s in manifest["splits"].values()):
+        raise UserError(f"no clip of {source_dir} could be converted; "
+                        f"see {data_dir}/manifest.json for the reasons")
+    return manifest
