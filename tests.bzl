@@ -18,6 +18,7 @@ FAST = [
 
 SLOW = [
     "main",
+    "inflation",
     "export",
     "end_to_end",
     "distributed",

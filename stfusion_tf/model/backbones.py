@@ -257,7 +257,8 @@ def build_backbone(cfg: BackboneConfig, strategy: FusionStrategy, num_classes: i
                    name: str | None = None, synchronized_bn: bool = False) -> keras.Model:
     """A 3D backbone of ``cfg`` with ``strategy``'s unit at each position.
 
-    Input: clips [B, T, H, W, 3] of float pixel values in [0, 255]; output: logits.
+    Input: clips [B, T, H, W, 3] of float pixel values in [0, 255] (H, W: the training
+    crop ``cfg.crop_size`` or any evaluation size); output: logits.
     """
     pos = positions(cfg)
     strategy.check_buildable(pos, f"{cfg.arch} backbone")
@@ -268,7 +269,9 @@ def build_backbone(cfg: BackboneConfig, strategy: FusionStrategy, num_classes: i
         return tpl.build_template(_template_config(cfg), num_classes, name=name,
                                   synchronized_bn=synchronized_bn, strategy=strategy)
     b = _Builder(cfg, dict(zip(strategy.positions, strategy.units)), synchronized_bn)
-    inputs = keras.Input((cfg.num_frames, cfg.crop_size, cfg.crop_size, 3), name="clip")
+    # Any frame size (full-frame evaluation); MobileNetV2's stride-2 padding is laid out for
+    # ``crop_size``, the same for any size divisible by 32.
+    inputs = keras.Input((cfg.num_frames, None, None, 3), name="clip")
     x = PixelNormalization(name="input_norm")(inputs)
     x = (_resnet if cfg.arch == "resnet" else _mobilenetv2)(b, x, pos)
     x = keras.layers.GlobalAveragePooling3D(name="avg_pool")(x)
