@@ -14,11 +14,14 @@ FAST = [
     "data",
     "convert",
     "stack",
+    "protocols",
+    "recipe",
 ]
 
 SLOW = [
     "main",
     "inflation",
+    "warmup",
     "export",
     "end_to_end",
     "distributed",
