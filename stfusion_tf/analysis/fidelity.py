@@ -1,9 +1,9 @@
 """``--mode=fidelity``: can the inherited-weight ranking be trusted?
 
 Takes K of the strategies ranked by ``--mode=analyze`` (spread evenly over the
-ranking, best to worst), trains each stand-alone from scratch with the same
-budget as the template (its masks fixed, no v-DropPath), scores it on the same
-selection split, and reports Kendall's tau and Spearman's rho between
+ranking, best to worst), trains each stand-alone from the template's initial
+weights with the same budget as the template (its masks fixed, no v-DropPath),
+scores it on the same selection split, and reports Kendall's tau and Spearman's rho between
 inherited-weight accuracy and stand-alone accuracy.  Each finished strategy is
 appended to ``analysis/fidelity.jsonl`` so an interrupted run resumes.
 """
