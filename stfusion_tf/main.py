@@ -184,22 +184,9 @@ def _backbone_overrides():
 
 
 def _backbone_init(cfg):
-    """A backbone's initial weights: --inflate_weights, else the template's --init_weights
-    (ImageNet for every backbone keras.applications has; a file for DenseNet121 only)."""
     from stfusion_tf.model import inflation
-    weights = FLAGS.inflate_weights or FLAGS.init_weights
-    if weights == "none" or (weights == FLAGS.init_weights != "imagenet" and cfg.arch != "densenet"):
-        return None
-
-    def init(model):
-        try:
-            report = inflation.inflate_from_keras(model, cfg, weights,
-                                                  branches=FLAGS.inflate_branches)
-        except ValueError as e:  # no keras.applications twin (ResNeXt, the *_tiny nets)
-            logging.warning("%s starts from scratch: %s", cfg.arch, e)
-            return {"init_weights": "none", "reason": str(e)}
-        return {"init_weights": weights, "branches": FLAGS.inflate_branches, **report}
-    return init
+    return inflation.backbone_init(cfg, FLAGS.inflate_weights, FLAGS.init_weights,
+                                   FLAGS.inflate_branches, log=logging.warning)
 
 
 def run_generalize(data_dir, model_dir):

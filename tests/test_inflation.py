@@ -109,3 +109,17 @@ def test_initialisation_errors_are_user_errors(tmp_path):
         I.load_2d("DenseNet121", str(tmp_path / "nope.h5"))
     with pytest.raises(UserError, match="valid values: split, copy"):
         I.inflate(tiny, tiny, "densenet", branches="half")
+
+
+def test_backbone_initialisers_follow_the_template_s_init_weights(tmp_path):
+    from stfusion_tf.model import backbones as B
+    dense, resnet = B.preset("densenet121"), B.preset("resnet50")
+    assert I.backbone_init(resnet, None, "none") is None
+    # A DenseNet121 file initialises the densenet121 backbone only; ImageNet every backbone
+    # keras.applications has; a backbone without a 2D twin starts from scratch, said why.
+    assert I.backbone_init(resnet, None, str(tmp_path / "d.keras")) is None
+    assert callable(I.backbone_init(dense, None, str(tmp_path / "d.keras")))
+    logs = []
+    init = I.backbone_init(B.preset("resnext_tiny"), None, "imagenet", log=logs.append)
+    assert init(None) == {"init_weights": "none", "reason": logs[0].split(": ", 1)[1]}
+    assert "no 2D ResNeXt" in logs[0]

@@ -80,6 +80,8 @@ def load_2d(name: str, weights: str | None, num_classes: int = 1000, **kwargs) -
     if weights == "imagenet":
         try:
             return builder(weights="imagenet", include_top=False, **kwargs)
+        except ValueError:  # an architecture Keras has no ImageNet weights for
+            raise
         except Exception as e:  # no network, bad cache, ...
             raise UserError(f"cannot get the ImageNet weights of keras.applications.{name} "
                             f"({type(e).__name__}: {e}); on an offline machine download them "
@@ -212,6 +214,30 @@ def inflate_from_keras(model3d: keras.Model, cfg: bb.BackboneConfig,
     inflates it."""
     return inflate(model3d, keras_2d_model(cfg, num_classes_2d, weights), cfg.arch,
                    branches=branches)
+
+
+def backbone_init(cfg: bb.BackboneConfig, inflate_weights: str | None, init_weights: str,
+                  branches: str = "split", log=print):
+    """A backbone's initialiser for ``training.train`` (None: from scratch):
+    ``inflate_weights`` (a 2D file of its own architecture), else the template's
+    ``init_weights`` (ImageNet for every backbone keras.applications has; a DenseNet121
+    file for DenseNet only).  A backbone without a 2D twin (ResNeXt, the *_tiny nets)
+    starts from scratch, and its report says why."""
+    weights = inflate_weights or init_weights
+    densenet_file = not inflate_weights and weights != "imagenet"
+    if weights == "none" or (densenet_file and cfg.arch != "densenet"):
+        return None
+
+    def init(model):
+        try:
+            report = inflate_from_keras(model, cfg, weights, branches=branches)
+        except UserError:
+            raise
+        except ValueError as e:
+            log(f"{cfg.arch} starts from scratch: {e}")
+            return {"init_weights": "none", "reason": str(e)}
+        return {"init_weights": weights, "branches": branches, **report}
+    return init
 
 
 def check_densenet121(config: tpl.TemplateConfig) -> None:

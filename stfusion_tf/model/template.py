@@ -11,8 +11,8 @@ Transition: the same two gated branches (c -> c * compression), summed, then
 AvgPool (1,2,2) ((2,2,2) in T1 of the temporally down-sampled variant).
 Head: BN-ReLU-global average pool-[dropout]-gated features (per-feature concrete
 dropout)-Dense; the optional dropout (``TemplateConfig.dropout``, the authors' 0.5)
-acts only while the gates are off (``model/dropout.py``).  Positions are named as in the paper's Fig. 4: ``B1.L1`` ... ``T1`` ...
-``B4.L16``.
+acts only while the gates are off (``model/dropout.py``).  Positions are named as
+in the paper's Fig. 4: ``B1.L1`` ... ``T1`` ... ``B4.L16``.
 
 Given a FusionStrategy, the same code builds the gate-free network of that
 strategy (the DenseNet121-3D backbone): only the kept branches exist, with the
