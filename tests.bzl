@@ -15,10 +15,14 @@ FAST = [
     "convert",
     "stack",
     "training",
+    "protocols",
+    "recipe",
 ]
 
 SLOW = [
     "main",
+    "inflation",
+    "warmup",
     "export",
     "end_to_end",
     "distributed",

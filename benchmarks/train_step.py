@@ -89,8 +89,8 @@ def time_steps(model, x, y, steps: int, warmup: int = 2) -> float:
     return (time.perf_counter() - t0) / steps
 
 
-def run_case(name, model, batch, steps):
-    shape = model.input_shape[1:]
+def run_case(name, model, batch, steps, shape=None):
+    shape = shape or B.input_geometry(model)
     x = tf.random.normal((batch,) + tuple(shape))
     y = tf.zeros((batch,), tf.int32)
     _record_shapes(model, x)
@@ -132,7 +132,8 @@ def main():
                            crop_size=32 if tiny else args.backbone_crop)
             model = B.build_backbone(cfg, B.FusionStrategy.uniform(B.positions(cfg), "S+ST"), 174)
             results.append(run_case(f"backbone_{case}_S+ST", model, 8 if tiny else args.backbone_batch,
-                                    args.steps * (4 if tiny else 1)))
+                                    args.steps * (4 if tiny else 1),
+                                    (cfg.num_frames, cfg.crop_size, cfg.crop_size, 3)))
             del model
             keras.backend.clear_session()
             continue

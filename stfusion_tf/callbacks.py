@@ -1,10 +1,12 @@
 """Keras callbacks of a training run.
 
-* ``GateSchedule``: gates off for the first ``warmup_epochs`` (the paper's
-  warm-up without v-DropPath), on afterwards.  The switch is a variable
-  assignment (no retrace) and depends only on the epoch, so it survives resume.
+* ``GateSchedule``: gates off and classifier dropout on for the first
+  ``warmup_epochs`` (the paper's warm-up without v-DropPath), the reverse
+  afterwards.  The switch is a variable assignment (no retrace) and depends only
+  on the epoch, so it survives resume.
 * ``AtomicCheckpoint``: a ``tf.train.CheckpointManager`` of model, optimizer
-  and epoch, written at the end of every epoch and kept to the last K.  TF
+  and epoch, written at the end of every epoch and kept to the last K; it is
+  re-attached when a phase brings a new optimizer.  TF
   writes the data and index files first and the ``checkpoint`` state file last
   by rename, so a run killed mid-write (even ``kill -9``) resumes from the last
   complete checkpoint.  An "epoch" is ``steps_per_epoch`` optimizer steps, so a
@@ -25,6 +27,7 @@ import numpy as np
 import tensorflow as tf
 
 from stfusion_tf.analysis import marginals as marg
+from stfusion_tf.model import dropout as dropout_lib
 from stfusion_tf.model import gates as gates_lib
 from stfusion_tf.model import template as tpl
 
@@ -49,13 +52,19 @@ def learning_rate(optimizer) -> float:
     return float(lr(opt.iterations)) if callable(lr) else float(np.asarray(lr))
 
 
+def set_phase(model, variational: bool) -> None:
+    """Gates on and classifier dropout off (v-DropPath), or the reverse (warm-up)."""
+    gates_lib.set_enabled(gates_lib.gate_layers(model), variational)
+    dropout_lib.set_active(model, not variational)
+
+
 class GateSchedule(keras.callbacks.Callback):
     def __init__(self, warmup_epochs: int):
         super().__init__()
         self.warmup_epochs = warmup_epochs
 
     def on_epoch_begin(self, epoch, logs=None):
-        gates_lib.set_enabled(gates_lib.gate_layers(self.model), epoch >= self.warmup_epochs)
+        set_phase(self.model, epoch >= self.warmup_epochs)
 
 
 class InputHealth(keras.callbacks.Callback):
@@ -111,20 +120,38 @@ class AtomicCheckpoint(keras.callbacks.Callback):
                  if o is not model.optimizer}
         self.ckpt = tf.train.Checkpoint(model=model, optimizer=model.optimizer, epoch=self.epoch,
                                         **inner)
+        self.model_optimizer = model.optimizer
         self.manager = tf.train.CheckpointManager(self.ckpt, self.directory, self.max_to_keep)
         return self
 
-    def restore(self) -> int:
-        """Restores the latest checkpoint if any; returns the epoch to start from."""
+    def restore(self, optimizer: bool = True) -> int:
+        """Restores the latest checkpoint if any; returns the epoch to start from.
+
+        ``optimizer=False`` keeps the attached optimizer as it is (a phase that starts
+        a fresh one): the model's checkpoint carries the optimizer it was saved with,
+        and TF restores it even into one created later, so its state is put back."""
         latest = tf.train.latest_checkpoint(self.restore_from)
-        if latest:
-            self.ckpt.restore(latest).expect_partial()
-            return int(self.epoch.numpy())
-        return 0
+        if not latest:
+            return 0
+        opts = {id(o): o for o in [self.model_optimizer] + inner_optimizers(self.model_optimizer)}
+        fresh = [] if optimizer else [(v, v.numpy()) for o in opts.values() for v in o.variables]
+        self.ckpt.restore(latest).expect_partial()
+        for v, value in fresh:
+            v.assign(value)
+        return int(self.epoch.numpy())
 
     def on_epoch_end(self, epoch, logs=None):
         self.epoch.assign(epoch + 1)
         self.manager.save(checkpoint_number=epoch + 1)
+
+
+def checkpoint_epoch(directory: str) -> int:
+    """The epoch the latest checkpoint in ``directory`` ends (0: none), read without
+    restoring it: which phase's optimizer it holds decides how to build the model's."""
+    latest = tf.train.latest_checkpoint(directory)
+    if not latest:
+        return 0
+    return int(tf.train.load_variable(latest, "epoch/.ATTRIBUTES/VARIABLE_VALUE"))
 
 
 class FusionSummaries(keras.callbacks.Callback):
@@ -170,7 +197,8 @@ class GateTrace(keras.callbacks.Callback):
     the regulariser; the per-gate means go to the same JSONL and their mean
     magnitudes to TensorBoard (``gates/grad_data``, ``gates/grad_regularizer``).
     BatchNorm statistics are restored after those extra forward passes, so the
-    trace does not change the run.
+    trace does not change the run.  Steps are the run's: ``step_offset`` is added
+    to the optimizer's count (a phase with a fresh optimizer starts it at zero).
     """
 
     def __init__(self, log_dir: str, trace_path: str, positions, every: int = 50,
@@ -180,6 +208,11 @@ class GateTrace(keras.callbacks.Callback):
         self.trace_path, self.positions, self.every = trace_path, tuple(positions), every
         self.batches, self.grad_batches = batches, grad_batches
         self._iterator = None
+        self.step_offset = 0
+        self._last_traced = None
+
+    def _step(self) -> int:
+        return self.step_offset + int(self.model.optimizer.iterations.numpy())
 
     def _gates(self):
         return tpl.TemplateGates(self.model, self.positions)
@@ -191,7 +224,10 @@ class GateTrace(keras.callbacks.Callback):
 
     def _trace_rates(self, epoch: int) -> None:
         gates = self._gates()
-        step = int(self.model.optimizer.iterations.numpy())
+        step = self._step()
+        if step == self._last_traced:  # a phase's start is the previous one's end
+            return
+        self._last_traced = step
         rates = gates.drop_rates()
         head = float(gates.head.drop_rate) if gates.head is not None else None
         self._append({"kind": "drop_rates", "step": step, "epoch": epoch,
@@ -211,7 +247,7 @@ class GateTrace(keras.callbacks.Callback):
         self._epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations.numpy()) % self.every == 0:
+        if self._step() % self.every == 0:
             self._trace_rates(self._epoch)
 
     def _was_enabled(self) -> bool:
@@ -222,7 +258,7 @@ class GateTrace(keras.callbacks.Callback):
         if self.batches is None or not self._was_enabled():
             return
         data, reg = self.gradient_sources()
-        step = int(self.model.optimizer.iterations.numpy())
+        step = self._step()
         self._append({"kind": "gradients", "step": step, "epoch": epoch,
                       "grad_data": data.round(7).tolist(), "grad_regularizer": reg.round(7).tolist()})
         with self.writer.as_default(step=step):

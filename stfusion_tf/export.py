@@ -32,7 +32,9 @@ import numpy as np
 import tensorflow as tf
 
 from stfusion_tf import files
+from stfusion_tf.errors import UserError
 from stfusion_tf.model import gates as gates_lib
+from stfusion_tf.model.backbones import input_geometry
 from stfusion_tf.model.strategy import NONE, UNITS, FusionStrategy
 from stfusion_tf.model.template import Template, TemplateGates, strategy_network
 
@@ -73,12 +75,17 @@ class ProbabilitySpace(tf.Module):
 
 
 class Classifier(tf.Module):
-    def __init__(self, model, label_map, eval_short_side: int, top_k: int = 5):
+    """Serving functions: uint8 clips of any size -> the evaluation view (centre clip of
+    the network's frames, short side ``eval_short_side``, centre ``crop_size`` square)."""
+
+    def __init__(self, model, label_map, eval_short_side: int, crop_size: int | None = None,
+                 top_k: int = 5):
         super().__init__(name="classifier")
         self.model = model
         self.labels = tf.constant(list(label_map))
         self.k = min(top_k, len(label_map))
-        _, self.frames, self.size, _, _ = model.input_shape
+        self.frames, size, _, _ = input_geometry(model)
+        self.size = int(crop_size or size)
         self.short_side = int(eval_short_side)
 
     def _outputs(self, x):
@@ -148,8 +155,25 @@ def classifier_network(model, strategy: FusionStrategy):
     return strategy_classifier(model, strategy)
 
 
+def resolve_strategy(spec: str, model_dir: str, positions) -> tuple[str, FusionStrategy]:
+    """(name, strategy) of ``--strategy``: opt (the analysis' best), S, ST, S+ST or a
+    FusionStrategy JSON path."""
+    if spec == "opt":
+        path = os.path.join(model_dir, "analysis", "opt_strategy.json")
+        if not os.path.exists(path):
+            raise UserError(f"--strategy=opt needs {path}; run --mode=analyze first")
+        return "opt", FusionStrategy.load(path)
+    if spec in ("S", "ST", "S+ST"):
+        return spec.replace("+", "_plus_"), FusionStrategy.uniform(positions, spec)
+    if os.path.exists(spec):
+        return os.path.splitext(os.path.basename(spec))[0], FusionStrategy.load(spec)
+    raise UserError(f"--strategy={spec!r}: valid values are opt, S, ST, S+ST or "
+                    "the path of a FusionStrategy JSON file")
+
+
 def export_classifier(model, strategy: FusionStrategy, name: str, label_map, export_dir: str,
-                      eval_short_side: int, version: int = 1, log=None) -> str:
+                      eval_short_side: int, crop_size: int | None = None, version: int = 1,
+                      log=None) -> str:
     """Writes the classifier of ``strategy`` (``classifier_network``) through Keras'
     ``ExportArchive``.
 
@@ -162,7 +186,7 @@ def export_classifier(model, strategy: FusionStrategy, name: str, label_map, exp
         kind = "template with masks" if network is model else "gate-free DenseNet-3D"
         log(f"classifier_{name}: {kind}, {network.count_params():,} parameters "
             f"(template {model.count_params():,})")
-    mod = Classifier(network, label_map, eval_short_side)
+    mod = Classifier(network, label_map, eval_short_side, crop_size)
     archive = keras.export.ExportArchive()
     archive.track(network)
     archive.add_endpoint("serving_default", mod.serve_uint8)

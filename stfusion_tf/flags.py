@@ -31,6 +31,9 @@ DATASETS = SYNTHETIC + LAYOUTS
 PRESETS = ("densenet121", "small", "tiny")  # model.template.PRESETS
 SAMPLINGS = ("dense", "segments")  # data.pipeline.SAMPLINGS
 NUM_CROPS = ("1", "3")  # data.pipeline.NUM_CROPS
+EVAL_PROTOCOLS = ("authors", "paper", "10x3", "custom")  # data.pipeline.EVAL_PROTOCOLS
+SELECTION_PROTOCOLS = ("same", "authors", "paper", "10x3")  # analysis.report.SELECTION_PROTOCOLS
+BRANCH_INITS = ("split", "copy")  # model.inflation.BRANCH_INITS
 REGULARIZERS = ("code", "paper")  # model.gates.REGULARIZERS
 WEIGHT_TERMS = ("norm", "prior")  # model.gates.WEIGHT_TERMS
 OPTIMIZERS = ("sgd", "adam")  # training.OPTIMIZERS
@@ -86,9 +89,18 @@ flags.DEFINE_bool("flip", False, "Random horizontal flip (off for direction-sens
 flags.DEFINE_bool("temporal_pool", False, "Temporal average pooling (window 3, stride 2) of the "
                   "input clip: the supplement's low temporal resolution experiment.")
 flags.DEFINE_integer("batch_size", 8, "Global batch size.", lower_bound=1)
-flags.DEFINE_integer("num_clips", 1, "Evaluation clips per video.", lower_bound=1)
-flags.DEFINE_enum("num_crops", "1", NUM_CROPS,
-                  "Evaluation crops per clip.")
+flags.DEFINE_enum("eval_protocol", "custom", EVAL_PROTOCOLS, "Views per video behind every "
+                  "reported accuracy: authors (1 clip x 1 centre crop of --eval_short_side^2, the "
+                  "authors' selection), paper (2 clips x the same crop, the authors' test), 10x3 "
+                  "(10 clips x 3 crops of --eval_short_side^2), custom (--num_clips x --num_crops "
+                  "crops of --eval_crop_size).")
+flags.DEFINE_enum("selection_protocol", "same", SELECTION_PROTOCOLS, "Views per video when "
+                  "ranking sampled strategies (same: --eval_protocol).")
+flags.DEFINE_integer("num_clips", 1, "--eval_protocol=custom: evaluation clips per video.",
+                     lower_bound=1)
+flags.DEFINE_enum("num_crops", "1", NUM_CROPS, "--eval_protocol=custom: evaluation crops per clip.")
+flags.DEFINE_integer("eval_crop_size", 0, "--eval_protocol=custom: side of the evaluation crops "
+                     "(0: --crop_size).", lower_bound=0)
 flags.DEFINE_string("data_service", None, "grpc://HOST:PORT of a tf.data service dispatcher: "
                     "run training-input preprocessing on its workers.")
 flags.DEFINE_integer("data_service_port", 5050, "--mode=data_service: dispatcher port.")
@@ -97,7 +109,20 @@ flags.DEFINE_integer("data_service_workers", 2, "--mode=data_service: workers in
 # -- the template (TemplateConfig) and its gates (GateConfig) ------------------------------
 flags.DEFINE_enum("preset", "tiny", PRESETS, "Template network preset.")
 flags.DEFINE_bool("temporal_downsample", False, "Temporally down-sampled template variant.")
+flags.DEFINE_float("dropout", 0.0, "Dropout before the classifier while the gates are off (the "
+                   "warm-up, and networks trained without v-DropPath; the authors: 0.5); off in "
+                   "the v-DropPath phase.", lower_bound=0.0, upper_bound=0.99)
 flags.DEFINE_integer("num_classes", 174, "Classes for --mode=summary.")
+flags.DEFINE_string("init_weights", "none", "Initial weights of the template: none (from "
+                    "scratch), imagenet (keras.applications.DenseNet121's, downloaded once by "
+                    "Keras), or the path of a local DenseNet121 (.keras model, or a weights file "
+                    "with or without the classifier). Inflated into the stem, every S/T branch, "
+                    "transition and BatchNorm; the classifier stays fresh. Needs "
+                    "--preset=densenet121; a resumed run keeps its checkpoint.")
+flags.DEFINE_enum("inflate_branches", "split", BRANCH_INITS, "How a 2D 1x1 kernel initialises a "
+                  "unit's S (1x1x1) and T (3x1x1) branches: split between the branches the "
+                  "network runs (it then equals the 2D network on a still clip) or copied whole "
+                  "into each (the authors).")
 flags.DEFINE_float("init_drop_rate", 0.1, "Initial drop rate of every gate.")
 flags.DEFINE_float("temperature", 0.2, "RelaxedBernoulli temperature.")
 flags.DEFINE_bool("rescale", False, "Divide kept activations by (1 - p).")
@@ -110,8 +135,27 @@ flags.DEFINE_enum("weight_term", "norm", WEIGHT_TERMS, "||W||^2 in the regularis
 # -- training (TrainConfig) and distribution -------------------------------------------------
 flags.DEFINE_integer("epochs", 6, "Total epochs (warm-up included).", lower_bound=1)
 flags.DEFINE_integer("warmup_epochs", 2, "Epochs without v-DropPath at the start.", lower_bound=0)
-flags.DEFINE_float("learning_rate", 0.01, "Initial SGD learning rate.")
-flags.DEFINE_list("lr_steps", [], "Epochs at which the learning rate is multiplied by 0.1.")
+flags.DEFINE_float("learning_rate", 0.01, "Initial learning rate (of the v-DropPath phase with "
+                   "--restart_at_switch).")
+flags.DEFINE_list("lr_steps", [], "Epochs at which the learning rate is multiplied by 0.1, "
+                  "counted from the start of the run (with --restart_at_switch: the v-DropPath "
+                  "phase's, each after --warmup_epochs).")
+flags.DEFINE_bool("restart_at_switch", False, "When the gates switch on, restart the optimizer "
+                  "(fresh momentum) and the learning-rate schedule, as the authors' second "
+                  "launch; the warm-up then has its own --warmup_learning_rate, "
+                  "--warmup_lr_steps and --warmup_weight_decay. Without it one optimizer and one "
+                  "schedule span the run.")
+flags.DEFINE_float("warmup_learning_rate", None, "With --restart_at_switch: the warm-up's initial "
+                   "learning rate (default: --learning_rate).")
+flags.DEFINE_list("warmup_lr_steps", [], "With --restart_at_switch: warm-up epochs at which its "
+                  "learning rate is multiplied by 0.1 (the authors: 30,40).")
+flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay (w -= lr*wd*w each step) of the "
+                   "v-DropPath phase, or of the whole run without --restart_at_switch; on kernels, "
+                   "biases and BatchNorm, never on the gates' drop logits. PyTorch's coupled "
+                   "SGD weight_decay l with momentum m corresponds to l/(1-m).", lower_bound=0.0)
+flags.DEFINE_float("warmup_weight_decay", 0.0, "With --restart_at_switch: the warm-up's "
+                   "decoupled weight decay (the authors' 5e-4 with momentum 0.9: 5e-3).",
+                   lower_bound=0.0)
 flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
 flags.DEFINE_enum("optimizer", "sgd", OPTIMIZERS, "SGD with momentum is the paper's; "
                   "Adam gets the tiny synthetic runs to converge within the CPU budget.")
@@ -166,7 +210,8 @@ INPUT_FLAGS = {"num_frames": "num_frames", "stride": "frame_stride", "crop_size"
                "min_short_side": "min_short_side", "max_short_side": "max_short_side",
                "eval_short_side": "eval_short_side", "flip": "flip", "num_clips": "num_clips",
                "num_crops": "num_crops", "temporal_pool": "temporal_pool",
-               "sampling": "sampling", "batch_size": "batch_size"}
+               "sampling": "sampling", "batch_size": "batch_size",
+               "eval_protocol": "eval_protocol", "eval_crop_size": "eval_crop_size"}
 GATE_FLAGS = {"init_drop_rate": "init_drop_rate", "temperature": "temperature",
               "rescale": "rescale", "regularizer": "regularizer", "length_scale": "length_scale",
               "weight_term": "weight_term"}
@@ -174,10 +219,14 @@ TRAIN_FLAGS = {"epochs": "epochs", "warmup_epochs": "warmup_epochs",
                "learning_rate": "learning_rate", "lr_steps": "lr_steps", "momentum": "momentum",
                "optimizer": "optimizer", "steps_per_epoch": "steps_per_epoch",
                "keep_checkpoints": "keep_checkpoints", "seed": "seed",
-               "gate_optimizer": "gate_optimizer", "gate_learning_rate": "gate_learning_rate"}
+               "gate_optimizer": "gate_optimizer", "gate_learning_rate": "gate_learning_rate",
+               "weight_decay": "weight_decay", "restart_at_switch": "restart_at_switch",
+               "warmup_learning_rate": "warmup_learning_rate",
+               "warmup_lr_steps": "warmup_lr_steps", "warmup_weight_decay": "warmup_weight_decay"}
 ANALYSIS_FLAGS = {"num_samples": "num_samples", "seed": "sample_seed",
                   "selection_split": "selection_split", "report_split": "report_split",
-                  "recalibrate_batches": "recalibrate_batches"}
+                  "recalibrate_batches": "recalibrate_batches",
+                  "selection_protocol": "selection_protocol"}
 #: Flags that do not define a run, so the run record neither keeps nor restores them.
 OPERATIONAL = ("mode", "model_dir", "export_dir", "verbose", "debug", "strategy", "runs",
                "aggregate_dir",
@@ -202,6 +251,11 @@ def flag_message(message: str, mapping: dict) -> str:
 
 def input_config():
     from stfusion_tf.data import pipeline
+    if FLAGS.eval_protocol != "custom":
+        given = [n for n in ("num_clips", "num_crops", "eval_crop_size") if FLAGS[n].present]
+        if given:
+            raise UserError(f"--{given[0]} is a setting of --eval_protocol=custom; "
+                            f"--eval_protocol={FLAGS.eval_protocol} has its own views")
     return _build(pipeline.InputConfig, INPUT_FLAGS, {"num_crops": int(FLAGS.num_crops)})
 
 
@@ -210,7 +264,8 @@ def template_config():
     from stfusion_tf.model import template as tpl
     icfg = input_config()
     return tpl.preset(FLAGS.preset, temporal_downsample=FLAGS.temporal_downsample,
-                      num_frames=icfg.model_frames, crop_size=icfg.crop_size)
+                      num_frames=icfg.model_frames, crop_size=icfg.crop_size,
+                      dropout=FLAGS.dropout)
 
 
 def gate_config(dataset_size: int = 1):
@@ -218,14 +273,17 @@ def gate_config(dataset_size: int = 1):
     return _build(tpl.GateConfig, GATE_FLAGS, {"dataset_size": dataset_size})
 
 
-def train_config(**overrides):
-    from stfusion_tf import training
+def _epochs(name: str) -> tuple[int, ...]:
     try:
-        steps = tuple(int(s) for s in FLAGS.lr_steps)
+        return tuple(int(s) for s in FLAGS[name].value)
     except ValueError:
-        raise UserError(f"--lr_steps must be whole epoch numbers, got {FLAGS.lr_steps}") from None
-    cfg = _build(training.TrainConfig, TRAIN_FLAGS, {"lr_steps": steps})
-    return dataclasses.replace(cfg, **overrides) if overrides else cfg
+        raise UserError(f"--{name} must be whole epoch numbers, got {FLAGS[name].value}") from None
+
+
+def train_config():
+    from stfusion_tf import training
+    return _build(training.TrainConfig, TRAIN_FLAGS,
+                  {"lr_steps": _epochs("lr_steps"), "warmup_lr_steps": _epochs("warmup_lr_steps")})
 
 
 def analysis_config():
@@ -242,6 +300,21 @@ def check() -> None:
     analysis_config()
     if FLAGS.data_service and not FLAGS.data_service.startswith("grpc://"):
         raise UserError(f"--data_service={FLAGS.data_service!r} must look like grpc://HOST:PORT")
+    _check_init()
+    from stfusion_tf.model import backbones
+    bad = [b for b in FLAGS.backbones if b not in backbones.PRESETS]
+    if bad:
+        raise UserError(f"--backbones: unknown {', '.join(bad)}; valid backbones: "
+                        f"{', '.join(backbones.PRESETS)}")
+
+
+def _check_init() -> None:
+    """A file given to --init_weights is checked where a fresh run reads it (a finished
+    run's later modes do not need it)."""
+    value = FLAGS.init_weights
+    if value != "none" and FLAGS.preset != "densenet121":
+        raise UserError(f"--init_weights={value} inflates keras.applications.DenseNet121 and "
+                        f"needs --preset=densenet121 (got --preset={FLAGS.preset})")
 
 
 def paths() -> tuple[str, str, str]:

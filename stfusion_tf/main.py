@@ -55,24 +55,22 @@ def _prepare_real(data_dir):
                     FLAGS.clips_per_shard, FLAGS.prepare_workers, FLAGS.max_frames)
 
 
-def _distribution():
-    from stfusion_tf import distribution
-    return distribution.make_distribution(FLAGS.distribution, FLAGS.tpu)
-
-
-def _train(model_fn, run_dir, data_dir, train_cfg, eval_split, model_file="template.keras"):
+def _train(model_fn, run_dir, data_dir, train_cfg, eval_split, model_file="template.keras",
+           init_fn=None):
     """Builds ``model_fn(num_classes, num_train, synchronized_bn)`` in the distribution's
-    scope and trains it in ``run_dir``."""
+    scope and trains it in ``run_dir`` (``init_fn``: initial weights of a fresh run)."""
+    from stfusion_tf import distribution as dist_lib
     from stfusion_tf import training
     from stfusion_tf.data import records
     manifest = records.read_manifest(data_dir)
-    distribution = _distribution()
+    distribution = dist_lib.make_distribution(FLAGS.distribution, FLAGS.tpu)
     with distribution.scope():
         model = model_fn(manifest["num_classes"], records.split_size(manifest, "train"),
                          distribution.num_replicas_in_sync > 1)
     return training.train(model, run_dir, data_dir, cli.input_config(), train_cfg, distribution,
                           eval_split=eval_split, verbose=FLAGS.verbose, log=logging.info,
-                          data_service=FLAGS.data_service, model_file=model_file)
+                          data_service=FLAGS.data_service, model_file=model_file,
+                          init_fn=init_fn)
 
 
 def _template_fn(num_classes, num_train, sync):
@@ -81,12 +79,21 @@ def _template_fn(num_classes, num_train, sync):
                               synchronized_bn=sync)
 
 
+def _template_init(strategy=None):
+    """``--init_weights`` for a template (running ``strategy``'s masks); None: scratch."""
+    if FLAGS.init_weights == "none":
+        return None
+    from stfusion_tf.model import inflation
+    return lambda model: inflation.initialize_template(model, FLAGS.init_weights,
+                                                       FLAGS.inflate_branches, strategy)
+
+
 def run_train(data_dir, model_dir):
     from stfusion_tf import training
     cli.write_record(model_dir, data_dir)
     try:
         summary = _train(_template_fn, model_dir, data_dir, cli.train_config(),
-                         FLAGS.selection_split)
+                         FLAGS.selection_split, init_fn=_template_init())
     except training.NonFiniteLossError as e:
         print(f"[train] stopped: {e}", file=sys.stderr)
         sys.exit(3)
@@ -97,10 +104,11 @@ def run_train(data_dir, model_dir):
 def _load_template(model_dir):
     """The trained template, checked against the input geometry the flags give."""
     from stfusion_tf import training
+    from stfusion_tf.model import backbones
     model = training.load_template(model_dir)
     icfg = cli.input_config()
     want = (icfg.model_frames, icfg.crop_size, icfg.crop_size)
-    have = tuple(model.input_shape[1:4])
+    have = backbones.input_geometry(model)[:3]
     if have != want:
         raise UserError(f"the template in {model_dir} takes {'x'.join(map(str, have))} clips; "
                         f"--num_frames/--crop_size/--temporal_pool give {'x'.join(map(str, want))}; "
@@ -116,16 +124,16 @@ def run_analyze(data_dir, model_dir):
     comp = ", ".join(f"{k} {100 * v['video_top1']:.1f}" for k, v in result["comparison"].items())
     moved = result["drop_rate_movement"]
     print(f"[analyze] {model_dir}/analysis/report.md; drop rates moved: {moved['moved']}/"
-          f"{moved['gates']}; Opt {result['opt']['code']}; video top-1 on {FLAGS.report_split}: "
-          f"{comp}")
+          f"{moved['gates']}; Opt {result['opt']['code']}; video top-1 on {FLAGS.report_split} "
+          f"({result['report_protocol']['label']}): {comp}")
 
 
 def run_fidelity(data_dir, model_dir):
     from stfusion_tf.analysis import fidelity
     from stfusion_tf.model import gates as gates_lib
     from stfusion_tf.model import template as tpl
-    train_cfg = cli.train_config()
-    train_cfg = dataclasses.replace(train_cfg, warmup_epochs=train_cfg.epochs)  # gates stay off
+    from stfusion_tf import training
+    train_cfg = training.standalone(cli.train_config(), FLAGS.epochs)  # gates stay off
 
     def train_one(strategy, run_dir):
         def model_fn(num_classes, num_train, sync):
@@ -134,7 +142,8 @@ def run_fidelity(data_dir, model_dir):
             gates.set_strategy(strategy)  # the strategy's masks hold in training too
             gates_lib.set_inference_mode(gates.s + gates.t, "mask")
             return model
-        return _train(model_fn, run_dir, data_dir, train_cfg, FLAGS.selection_split)
+        return _train(model_fn, run_dir, data_dir, train_cfg, FLAGS.selection_split,
+                      init_fn=_template_init(strategy))
 
     positions = tpl.template_positions(cli.template_config())
     rep = fidelity.run(model_dir, positions, FLAGS.fidelity_strategies, train_one)
@@ -142,43 +151,37 @@ def run_fidelity(data_dir, model_dir):
           f"{rep['verdict']}")
 
 
-def _export_strategy(model_dir, positions):
-    from stfusion_tf.model.strategy import UNITS, FusionStrategy
-    if FLAGS.strategy == "opt":
-        path = os.path.join(model_dir, "analysis", "opt_strategy.json")
-        if not os.path.exists(path):
-            raise UserError(f"--strategy=opt needs {path}; run --mode=analyze first")
-        return "opt", FusionStrategy.load(path)
-    if FLAGS.strategy in UNITS[:3]:
-        return FLAGS.strategy.replace("+", "_plus_"), FusionStrategy.uniform(positions, FLAGS.strategy)
-    if os.path.exists(FLAGS.strategy):
-        name = os.path.splitext(os.path.basename(FLAGS.strategy))[0]
-        return name, FusionStrategy.load(FLAGS.strategy)
-    raise UserError(f"--strategy={FLAGS.strategy!r}: valid values are opt, S, ST, S+ST or "
-                    "the path of a FusionStrategy JSON file")
-
-
 def run_export(data_dir, model_dir, export_dir):
     from stfusion_tf import export
     from stfusion_tf.data import records
     from stfusion_tf.model.template import TemplateGates
     model = _load_template(model_dir)
-    name, strategy = _export_strategy(model_dir, TemplateGates(model).positions)
+    name, strategy = export.resolve_strategy(FLAGS.strategy, model_dir,
+                                             TemplateGates(model).positions)
     manifest = records.read_manifest(data_dir)
+    icfg = cli.input_config()
     p1 = export.export_probability_space(model, export_dir)
     p2 = export.export_classifier(model, strategy, name, manifest["label_map"], export_dir,
-                                  FLAGS.eval_short_side, log=lambda m: print(f"[export] {m}"))
+                                  icfg.eval_short_side, icfg.eval_crop,
+                                  log=lambda m: print(f"[export] {m}"))
     print(f"[export] {p1}\n[export] {p2}")
 
 
 def _backbone_overrides():
     return {"num_frames": cli.input_config().model_frames, "crop_size": FLAGS.crop_size,
-            "temporal_stride": FLAGS.backbone_temporal_stride}
+            "temporal_stride": FLAGS.backbone_temporal_stride, "dropout": FLAGS.dropout}
+
+
+def _backbone_init(cfg):
+    from stfusion_tf.model import inflation
+    return inflation.backbone_init(cfg, FLAGS.inflate_weights, FLAGS.init_weights,
+                                   FLAGS.inflate_branches, log=logging.warning)
 
 
 def run_generalize(data_dir, model_dir):
+    from stfusion_tf import training
     from stfusion_tf.analysis import generalization
-    from stfusion_tf.model import backbones, fusion_rules, inflation
+    from stfusion_tf.model import backbones, fusion_rules
     if not FLAGS.backbones:
         raise UserError("--mode=generalize needs --backbones; valid backbones: "
                         f"{', '.join(backbones.PRESETS)}")
@@ -190,18 +193,13 @@ def run_generalize(data_dir, model_dir):
                                    **_backbone_overrides())
     except UserError as e:
         raise UserError(f"--backbone_strategies: {e}") from None
-    epochs = FLAGS.generalize_epochs or FLAGS.epochs
-    base = cli.train_config(epochs=epochs, warmup_epochs=0,
-                            lr_steps=tuple(e for e in cli.train_config().lr_steps if e < epochs))
+    base = training.standalone(cli.train_config(), FLAGS.generalize_epochs or FLAGS.epochs)
 
     def train_one(cfg, strategy, run_dir, seed):
         def model_fn(num_classes, num_train, sync):
-            model = backbones.build_backbone(cfg, strategy, num_classes, synchronized_bn=sync)
-            if FLAGS.inflate_weights:
-                inflation.inflate_from_keras(model, cfg, FLAGS.inflate_weights)
-            return model
+            return backbones.build_backbone(cfg, strategy, num_classes, synchronized_bn=sync)
         return _train(model_fn, run_dir, data_dir, dataclasses.replace(base, seed=base.seed + seed),
-                      FLAGS.report_split, model_file="model.keras")
+                      FLAGS.report_split, model_file="model.keras", init_fn=_backbone_init(cfg))
 
     table = generalization.run(model_dir, runs, train_one, log=logging.info)
     print(f"[generalize] {model_dir}/analysis/generalization.md: {len(table['results'])} networks")
@@ -235,18 +233,10 @@ def run_aggregate():
           f"{tu[0]:.3f} ± {tu[1]:.3f}; consensus Opt {r['consensus']['code']}")
 
 
-def _check_backbones():
-    from stfusion_tf.model import backbones
-    bad = [b for b in FLAGS.backbones if b not in backbones.PRESETS]
-    if bad:
-        raise UserError(f"--backbones: unknown {', '.join(bad)}; valid backbones: "
-                        f"{', '.join(backbones.PRESETS)}")
-
 
 def run(mode: str) -> None:
     """Runs ``mode`` (``all``: prepare -> train -> analyze -> export [-> generalize])."""
     cli.check()
-    _check_backbones()
     if mode == "summary":
         return run_summary()
     if mode == "data_service":

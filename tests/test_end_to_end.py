@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--synthetic_train=32", "--synthetic_val=8", "--synthetic_test=8", "--synthetic_frames=10",
@@ -39,7 +38,7 @@ def _tags(event_dir):
 
 
 def test_mode_all_then_resume(tmp_path):
-    out = _main(tmp_path, "--mode=all", "--epochs=2")
+    out = _main(tmp_path, "--mode=all", "--epochs=2", "--eval_protocol=authors")
     run = tmp_path / "run"
     assert "[prepare]" in out and "[train]" in out and "[analyze]" in out and "[export]" in out
     for rel in ("template.keras", "train_summary.json", "analysis/report.md",
@@ -56,6 +55,15 @@ def test_mode_all_then_resume(tmp_path):
     assert f"classifier_opt: {kind}" in out
     report = (run / "analysis/report.md").read_text()
     assert "Opt vs uniform" in report and "B4.L2" in report
+    # Every accuracy carries its protocol: the authors' one clip x the full 40x40 frame
+    # (the template trained on 32x32 crops).
+    label = "authors: 8 frames (stride 1) x 1 clip x 1 crop of 40x40 (short side 40)"
+    assert summary["eval"]["val"]["protocol"]["label"] == label
+    assert f"video top-1 on test ({label})" in out and label in report
+    comparison = json.loads((run / "analysis/comparison.json").read_text())
+    assert {v["protocol"]["label"] for v in comparison.values()} == {label}
+    rows = [json.loads(line) for line in (run / "analysis/ranking.jsonl").read_text().splitlines()]
+    assert {r["protocol"] for r in rows} == {label}
     assert "BatchNorm re-calibration" in report and "Kendall" in report
     assert len((run / "analysis/ranking_bn_recalibrated.jsonl").read_text().splitlines()) == 6
     assert len((run / "analysis/ranking.jsonl").read_text().splitlines()) == 6
@@ -104,4 +112,5 @@ def test_mode_all_then_resume(tmp_path):
         assert dense_opt["code"] == opt["code"]
     md = (run / "analysis/generalization.md").read_text()
     assert "| resnet_tiny |" in md and "| Opt | S | ST |" in md
+    assert "Evaluation protocol: " in md and " x 1 clip x 1 crop of " in md
     assert "generalization" in _tags(str(run / "tensorboard" / "generalize"))

@@ -1,9 +1,9 @@
 """``--mode=fidelity``: can the inherited-weight ranking be trusted?
 
 Takes K of the strategies ranked by ``--mode=analyze`` (spread evenly over the
-ranking, best to worst), trains each stand-alone from scratch with the same
-budget as the template (its masks fixed, no v-DropPath), scores it on the same
-selection split, and reports Kendall's tau and Spearman's rho between
+ranking, best to worst), trains each stand-alone from the template's initial
+weights with the same budget as the template (its masks fixed, no v-DropPath),
+scores it on the same selection split, and reports Kendall's tau and Spearman's rho between
 inherited-weight accuracy and stand-alone accuracy.  Each finished strategy is
 appended to ``analysis/fidelity.jsonl`` so an interrupted run resumes.
 """
@@ -56,7 +56,9 @@ def run(model_dir: str, positions, k: int, train_fn, log=print) -> dict:
             ev = next(iter(summary["eval"].values()))
             row = {"key": r["key"], "index": r["index"], "code": r["code"],
                    "inherited_video_top1": r["video_top1"], "standalone_video_top1": ev["video_top1"],
-                   "standalone_clip_top1": ev["clip_top1"], "steps": summary["steps"]}
+                   "standalone_clip_top1": ev["clip_top1"], "steps": summary["steps"],
+                   "inherited_protocol": r.get("protocol"),
+                   "standalone_protocol": (ev.get("protocol") or {}).get("label")}
             f.append(row)
             results.append(row)
     a = [r["inherited_video_top1"] for r in results]
@@ -74,12 +76,15 @@ def run(model_dir: str, positions, k: int, train_fn, log=print) -> dict:
                    "use a harder dataset or a smaller budget to test the ranking.")
     else:
         verdict = "Rank correlation undefined: the inherited-weight accuracies are all equal."
+    protocols = sorted({str(r.get(k)) for r in results
+                        for k in ("inherited_protocol", "standalone_protocol")})
     report = {"num_strategies": len(results), "kendall_tau": tau, "spearman_rho": rho,
-              "verdict": verdict, "strategies": results}
+              "verdict": verdict, "protocols": protocols, "strategies": results}
     files.write_json(os.path.join(out, "fidelity.json"), report)
     lines = ["# Ranking fidelity: inherited weights vs stand-alone training", "",
              f"{len(results)} strategies spread over the inherited-weight ranking, each trained "
              f"stand-alone with the template's budget. {verdict}", "",
+             "Evaluation protocols (video-level top-1): " + "; ".join(protocols) + ".", "",
              "| sample | inherited video top-1 | stand-alone video top-1 | code |", "|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['index']} | {100 * r['inherited_video_top1']:.1f} | "

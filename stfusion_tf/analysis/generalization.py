@@ -70,8 +70,10 @@ def run(model_dir: str, runs: list[dict], train_fn, log=print) -> dict:
             ev = next(iter(summary["eval"].values()))
             row = {"key": r["key"], "backbone": r["backbone"], "spec": r["spec"], "seed": r["seed"],
                    "code": st.code(), "counts": st.counts(), "params": summary["params_trainable"],
-                   "steps": summary["steps"], **{k: ev[k] for k in
-                                                 ("clip_top1", "video_top1", "num_videos")}}
+                   "steps": summary["steps"],
+                   "init": (summary.get("init") or {}).get("init_weights", "none"),
+                   "protocol": (ev.get("protocol") or {}).get("label"),
+                   **{k: ev[k] for k in ("clip_top1", "video_top1", "num_videos")}}
             f.append(row)
             results.append(row)
             trained[net] = row
@@ -98,9 +100,12 @@ def write_table(out: str, results: list[dict], log=print) -> dict:
     seeds_note = (f" Mean ± standard deviation over {n_seeds} training seeds per cell."
                   if n_seeds > 1 else " One training run per cell: expect several points of "
                   "run-to-run noise on small data (`--generalize_seeds` repeats each cell).")
+    protocols = sorted({str(r.get("protocol")) for r in results})
     lines = ["# Generalisation: fusion strategies on other backbones (paper Table 6)", "",
              "Each network trained stand-alone with the template's recipe and budget; "
              "video-level top-1 (clip-level in brackets) on the reporting split." + seeds_note, "",
+             "Evaluation protocol: " + "; ".join(protocols) + ". Video-level averages the softmax "
+             "of a video's views; clip-level scores each view alone.", "",
              "| backbone | " + " | ".join(_label(s) for s in specs) + " |",
              "|---|" + "---|" * len(specs)]
     for b in backbones:
@@ -114,14 +119,15 @@ def write_table(out: str, results: list[dict], log=print) -> dict:
             same = f" = {_label(c['same_as'])}" if c["same_as"] else ""
             row.append(f"{100 * c['video_top1']:.1f}{std} ({100 * c['clip_top1']:.1f}){same}")
         lines.append(f"| {b} | " + " | ".join(row) + " |")
-    lines += ["", "| backbone | strategy | code | S / ST / S+ST units | trainable params |",
-              "|---|---|---|---|---|"]
+    lines += ["", "| backbone | strategy | code | S / ST / S+ST units | trainable params | "
+              "initial weights |", "|---|---|---|---|---|---|"]
     for (b, spec), rows in groups.items():
         r = rows[0]
         c = r["counts"]
         lines.append(f"| {b} | {_label(spec)} | `{r['code']}` | "
-                     f"{c['S']} / {c['ST']} / {c['S+ST']} | {r['params']:,} |")
-    table = {"backbones": backbones, "specs": specs, "results": results,
+                     f"{c['S']} / {c['ST']} / {c['S+ST']} | {r['params']:,} | "
+                     f"{r.get('init', 'none')} |")
+    table = {"backbones": backbones, "specs": specs, "protocols": protocols, "results": results,
              "cells": [{"backbone": b, "spec": s, **c} for (b, s), c in cells.items()]}
     files.write_json(os.path.join(out, "generalization.json"), table)
     files.write_text(os.path.join(out, "generalization.md"), "\n".join(lines) + "\n")

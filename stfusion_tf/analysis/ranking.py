@@ -9,8 +9,11 @@ differ by design in the paper.)
 Scoring feeds each strategy's keep mask into the trained template through the
 gates' mask variables inside one ``tf.function``: no model rebuild, no retrace.
 The classifier's feature gate runs deterministically (x * (1 - p)).  The
-selection split is preprocessed once and cached in memory, so every strategy is
-scored on identical views.
+selection split is preprocessed once and cached in memory when it fits in
+``cache_bytes`` (else re-read for every strategy; evaluation preprocessing is
+deterministic, so every strategy is scored on identical views either way).
+Scores carry the evaluation protocol they were measured with, and a ranking
+resumed under another protocol starts again.
 """
 
 from __future__ import annotations
@@ -27,6 +30,9 @@ from stfusion_tf import files
 from stfusion_tf.model import gates as gates_lib
 from stfusion_tf.model.strategy import FusionStrategy
 from stfusion_tf.model.template import TemplateGates
+
+#: Largest selection split (decoded views) kept in memory between strategies.
+CACHE_BYTES = 2 ** 31
 
 
 def sample_masks(drop_rates, num: int, seed: int) -> np.ndarray:
@@ -47,19 +53,21 @@ class StrategyScorer:
     input signature however many strategies are scored.
     """
 
-    def __init__(self, model, gates: TemplateGates, dataset, recalibration=None):
+    def __init__(self, model, gates: TemplateGates, dataset, recalibration=None,
+                 protocol: dict | None = None, cache_bytes: int = CACHE_BYTES):
         """``recalibration``: training clips (a dataset of (x, y) batches) used to
         re-estimate BatchNorm statistics of each sub-network before scoring it;
-        None keeps the template's statistics, as the authors did."""
+        None keeps the template's statistics, as the authors did.  ``protocol``
+        (``pipeline.protocol``) is what ``dataset``'s views are."""
         self.model = model
         self.gates = gates
         self.trace_count = 0
+        self.protocol = protocol
         self.recal_batches = [x for x, _ in recalibration] if recalibration is not None else []
         self.bns = [l for l in model._flatten_layers(include_self=False, recursive=True)
                     if isinstance(l, keras.layers.BatchNormalization)]
-        self.batches = [(x, y.numpy(), v.numpy()) for x, y, v in dataset]
-        if not self.batches:
-            raise ValueError("selection split is empty")
+        self.dataset = dataset
+        self.batches = self._cache(dataset, cache_bytes)
         gates_lib.set_inference_mode(gates.s + gates.t, "mask")
         if gates.head is not None:
             gates_lib.set_inference_mode([gates.head], "expected")
@@ -77,6 +85,19 @@ class StrategyScorer:
 
         self._forward = _forward
         self._bn_update = _bn_update
+
+    @staticmethod
+    def _cache(dataset, cache_bytes: int):
+        """The split's batches, or None when they exceed ``cache_bytes`` (then streamed)."""
+        batches, size = [], 0
+        for x, y, v in dataset:
+            size += int(np.prod(x.shape)) * x.dtype.size
+            if size > cache_bytes:
+                return None
+            batches.append((x, y.numpy(), v.numpy()))
+        if not batches:
+            raise ValueError("selection split is empty")
+        return batches
 
     def _recalibrate(self, mask):
         """Re-estimates moving BN statistics on the recalibration clips.
@@ -101,27 +122,27 @@ class StrategyScorer:
         if self.recal_batches:
             saved = [(np.asarray(b.moving_mean), np.asarray(b.moving_variance)) for b in self.bns]
             self._recalibrate(mask)
+        acc = evaluation.Accumulator()
         try:
-            scores, labels, vids = [], [], []
-            for x, y, v in self.batches:
-                scores.append(self._forward(mask, x).numpy())
-                labels.append(y)
-                vids.append(v)
+            for x, y, v in (self.batches if self.batches is not None else self.dataset):
+                acc.update(self._forward(mask, x).numpy(), y, v)
         finally:
             if saved is not None:
                 for b, (m, v) in zip(self.bns, saved):
                     b.moving_mean.assign(m)
                     b.moving_variance.assign(v)
-        return evaluation.summarise(np.concatenate(scores), np.concatenate(labels),
-                                    np.concatenate(vids))
+        result = acc.result()
+        return {"protocol": self.protocol, **result} if self.protocol is not None else result
 
     def score(self, strategy: FusionStrategy) -> dict:
         return self.score_mask(strategy.to_mask())
 
 
-def _fingerprint(drop_rates, seed, num) -> str:
+def _fingerprint(drop_rates, seed, num, protocol=None) -> str:
     h = hashlib.sha256(np.asarray(drop_rates, np.float64).round(8).tobytes())
     h.update(f"{seed}:{num}".encode())
+    if protocol is not None:
+        h.update(protocol["label"].encode())
     return h.hexdigest()[:16]
 
 
@@ -133,7 +154,7 @@ def rank(scorer: StrategyScorer, positions, drop_rates, num: int, seed: int,
     Duplicate samples are recognised and not scored twice.  Returns all rows
     sorted best first (video top-1, then clip top-1).
     """
-    fp = _fingerprint(drop_rates, seed, num)
+    fp = _fingerprint(drop_rates, seed, num, scorer.protocol)
     rows, torn = files.read_jsonl(jsonl_path)  # a torn line's strategy is scored again
     done = {row["index"]: row for row in rows if row.get("fingerprint") == fp}
     if torn or len(done) < len(rows):
@@ -151,8 +172,11 @@ def rank(scorer: StrategyScorer, positions, drop_rates, num: int, seed: int,
             if key in by_key:
                 row = dict(by_key[key], index=i, duplicate_of=by_key[key]["index"])
             else:
+                score = scorer.score(st)
+                if "protocol" in score:  # one line per strategy: the label says it
+                    score["protocol"] = score["protocol"]["label"]
                 row = {"index": i, "key": key, "code": st.code(), "units": list(st.units),
-                       "counts": st.counts(), "fingerprint": fp, **scorer.score(st)}
+                       "counts": st.counts(), "fingerprint": fp, **score}
                 by_key[key] = row
             f.append(row)
             done[i] = row

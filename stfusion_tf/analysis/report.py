@@ -26,6 +26,10 @@ from stfusion_tf.model.strategy import S, S_ST, ST, FusionStrategy
 from stfusion_tf.model.template import TemplateGates
 
 
+#: Protocols strategies can be ranked with: the reporting one ("same") or a named one.
+SELECTION_PROTOCOLS = ("same",) + tuple(pipeline.PROTOCOL_VIEWS)
+
+
 @dataclasses.dataclass(frozen=True)
 class AnalysisConfig:
     num_samples: int = 100
@@ -35,8 +39,14 @@ class AnalysisConfig:
     top_k: int = 10
     recalibrate_batches: int = 0  # >0: also rank with BN re-calibrated on this many train batches
     train_split: str = "train"
+    #: Evaluation protocol of the ranking ("same": the input config's eval_protocol, which
+    #: the reporting split always uses); the authors selected on "authors" (1 clip).
+    selection_protocol: str = "same"
 
     def __post_init__(self):
+        if self.selection_protocol not in SELECTION_PROTOCOLS:
+            raise UserError(f"selection_protocol={self.selection_protocol!r}; valid values: "
+                            f"{', '.join(SELECTION_PROTOCOLS)}")
         if self.selection_split == self.report_split:
             raise UserError("selection_split and report_split must differ")
         if self.num_samples < 1:
@@ -77,12 +87,24 @@ def observations(positions, drop_rates, top_rows: list[dict]) -> dict:
     }
 
 
+def selection_input(input_cfg: pipeline.InputConfig, cfg: AnalysisConfig) -> pipeline.InputConfig:
+    """The input config strategies are ranked with (its selection protocol)."""
+    if cfg.selection_protocol == "same":
+        return input_cfg
+    return pipeline.with_protocol(input_cfg, cfg.selection_protocol)
+
+
+def _scorer(model, gates, data_dir, split, input_cfg, **kwargs):
+    return ranking.StrategyScorer(model, gates, pipeline.eval_dataset(data_dir, split, input_cfg),
+                                  protocol=pipeline.protocol(input_cfg), **kwargs)
+
+
 def _recalibrated_ranking(model, gates, data_dir, input_cfg, cfg, rates, ranked, out, log) -> dict:
     """Ranks the same samples with BatchNorm re-estimated per sub-network; compares."""
     from scipy import stats
     recal_ds = pipeline.train_dataset(data_dir, cfg.train_split, input_cfg).take(cfg.recalibrate_batches)
-    scorer = ranking.StrategyScorer(model, gates, pipeline.eval_dataset(
-        data_dir, cfg.selection_split, input_cfg), recalibration=recal_ds)
+    scorer = _scorer(model, gates, data_dir, cfg.selection_split, selection_input(input_cfg, cfg),
+                     recalibration=recal_ds)
     rows = ranking.rank(scorer, gates.positions, rates, cfg.num_samples, cfg.seed,
                         os.path.join(out, "ranking_bn_recalibrated.jsonl"), log=log)
     plain = {r["index"]: r["video_top1"] for r in ranked}
@@ -113,8 +135,7 @@ def analyze(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfi
     files.write_text(os.path.join(out, "marginals.json"), marg.to_json(rows))
     files.write_text(os.path.join(out, "marginals.csv"), marg.to_csv(rows))
 
-    sel = ranking.StrategyScorer(model, gates, pipeline.eval_dataset(
-        data_dir, cfg.selection_split, input_cfg))
+    sel = _scorer(model, gates, data_dir, cfg.selection_split, selection_input(input_cfg, cfg))
     ranked = ranking.rank(sel, positions, rates, cfg.num_samples, cfg.seed,
                           os.path.join(out, "ranking.jsonl"), log=log)
     opt = FusionStrategy(positions, tuple(ranked[0]["units"]))
@@ -130,13 +151,12 @@ def analyze(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfi
         tf.summary.image("marginals_with_opt", tf.io.decode_png(png)[None])
     writer.flush()
 
-    rep = ranking.StrategyScorer(model, gates, pipeline.eval_dataset(
-        data_dir, cfg.report_split, input_cfg))
+    rep = _scorer(model, gates, data_dir, cfg.report_split, input_cfg)
     comparison = {"Opt": {"code": opt.code(), **rep.score(opt)}}
     for unit in (S_ST, S, ST):
         st = FusionStrategy.uniform(positions, unit)
         comparison[unit] = {"code": st.code(), **rep.score(st)}
-    log("reporting split, inherited weights: " + ", ".join(
+    log(f"reporting split, inherited weights, video top-1 ({rep.protocol['label']}): " + ", ".join(
         f"{k} {_fmt(v['video_top1'])}" for k, v in comparison.items()))
     unique = len({r["key"] for r in ranked})
     obs = observations(positions, rates, ranked[: cfg.top_k])
@@ -145,6 +165,7 @@ def analyze(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfi
     log(moved["verdict"])
     result = {"dataset": manifest["name"], "selection_split": cfg.selection_split,
               "report_split": cfg.report_split, "num_samples": cfg.num_samples,
+              "selection_protocol": sel.protocol, "report_protocol": rep.protocol,
               "unique_samples": unique, "seed": cfg.seed, "comparison": comparison,
               "observations": obs, "drop_rate_movement": moved,
               "temporal_use": marg.temporal_use(rates), "opt": opt.to_dict(),
@@ -162,16 +183,21 @@ def _report_md(r: dict, rows: list[dict]) -> str:
          f"Strategies sampled: {r['num_samples']} ({r['unique_samples']} unique), seed {r['seed']}. "
          f"Ranked with inherited weights on split `{r['selection_split']}` (selection); "
          f"reported on split `{r['report_split']}`, which played no part in the choice.", "",
+         "**Evaluation protocols.** Selection: " + r["selection_protocol"]["label"] + ". "
+         "Reporting: " + r["report_protocol"]["label"] + ". Video-level accuracy averages the "
+         "softmax of a video's views; clip-level scores each view alone.", "",
          f"**Drop rates.** {r['drop_rate_movement']['verdict']}", "",
          "![marginals](marginals.png)", "",
-         "## Opt vs uniform strategies (inherited weights, reporting split)", "",
+         f"## Opt vs uniform strategies (inherited weights, reporting split; "
+         f"{r['report_protocol']['label']})", "",
          "| strategy | video top-1 | video top-5 | clip top-1 | code |", "|---|---|---|---|---|"]
     for k, v in r["comparison"].items():
         L.append(f"| {k} | {_fmt(v['video_top1'])} | {_fmt(v['video_top5'])} | "
                  f"{_fmt(v['clip_top1'])} | `{v['code']}` |")
     L += ["", "Uniform strategies here reuse the template's weights; stand-alone trained "
           "networks are the generalisation experiment's job.", "",
-          f"## Top {len(r['top'])} sampled strategies (selection split)", "",
+          f"## Top {len(r['top'])} sampled strategies (selection split; "
+          f"{r['selection_protocol']['label']})", "",
           "| rank | sample | video top-1 | clip top-1 | S / ST / S+ST / none | code |",
           "|---|---|---|---|---|---|"]
     for i, t in enumerate(r["top"], 1):

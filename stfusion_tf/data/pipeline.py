@@ -9,9 +9,24 @@ equal segments, one frame from each, at random in training and at the segment
 centre in evaluation).  Training: frames from a random start (dense),
 short side resized to a random size in [min_short_side, max_short_side], random
 crop (only the crop window is resized), optional flip.  Clips leave the pipeline as
-uint8 pixels: the network casts and normalises them.  Evaluation: ``num_clips`` evenly spaced clips per video,
-short side resized, centre (or 3) crops; every clip of a video carries the
-video's index so scores can be averaged per video.
+uint8 pixels: the network casts and normalises them.
+
+Evaluation follows a named protocol (``EVAL_PROTOCOLS``): ``num_clips`` evenly
+spaced clips per video, short side resized to ``eval_short_side``, centre (or
+3) square crops of ``eval_crop``; every view of a video carries the video's
+index so scores can be averaged per video.  Views are made one clip at a time
+(a clip's frames decoded, resized and cropped), never a whole video's at once,
+so 10 clips x 3 crops of 16 x 256^2 frames hold one clip's frames in memory
+per parallel call.
+
+=========  =====  =====  ==================  ======================================
+protocol   clips  crops  crop                use
+=========  =====  =====  ==================  ======================================
+authors    1      1      eval_short_side^2   the authors' strategy selection
+paper      2      1      eval_short_side^2   the authors' ``test()`` (paper Tables)
+10x3       10     3      eval_short_side^2   the common video-library test protocol
+custom     flags  flags  eval_crop_size      (default: one crop_size centre crop)
+=========  =====  =====  ==================  ======================================
 """
 
 from __future__ import annotations
@@ -28,11 +43,19 @@ from stfusion_tf.errors import UserError
 
 SAMPLINGS = ("dense", "segments")
 NUM_CROPS = (1, 3)
+EVAL_PROTOCOLS = ("authors", "paper", "10x3", "custom")
+#: Named protocol -> (clips, crops); their crop is the full evaluation frame, a square of
+#: side ``eval_short_side`` (the authors' 256 x 256 centre of a 256 short side).
+PROTOCOL_VIEWS = {"authors": (1, 1), "paper": (2, 1), "10x3": (10, 3)}
 
 
 @dataclasses.dataclass(frozen=True)
 class InputConfig:
-    """How clips are sampled and augmented."""
+    """How clips are sampled and augmented, and the evaluation protocol.
+
+    A named ``eval_protocol`` fixes ``num_clips``, ``num_crops`` and
+    ``eval_crop_size`` (set here from ``PROTOCOL_VIEWS``); ``custom`` takes them
+    as given (``eval_crop_size`` 0: ``crop_size``)."""
 
     num_frames: int = 8
     stride: int = 1
@@ -48,8 +71,23 @@ class InputConfig:
     batch_size: int = 8
     shuffle_buffer: int = 256
     seed: int | None = None
+    eval_protocol: str = "custom"
+    eval_crop_size: int = 0
 
     def __post_init__(self):
+        if self.eval_protocol not in EVAL_PROTOCOLS:
+            raise UserError(f"eval_protocol={self.eval_protocol!r}; valid values: "
+                            f"{', '.join(EVAL_PROTOCOLS)}")
+        if self.eval_protocol in PROTOCOL_VIEWS:
+            clips, crops = PROTOCOL_VIEWS[self.eval_protocol]
+            object.__setattr__(self, "num_clips", clips)
+            object.__setattr__(self, "num_crops", crops)
+            object.__setattr__(self, "eval_crop_size", self.eval_short_side)
+        if self.num_clips < 1:
+            raise UserError(f"num_clips must be >= 1, got {self.num_clips}")
+        if not 0 <= self.eval_crop_size <= self.eval_short_side:
+            raise UserError(f"eval_crop_size={self.eval_crop_size} must be at most "
+                            f"eval_short_side={self.eval_short_side}")
         if self.sampling not in SAMPLINGS:
             raise UserError(f"sampling={self.sampling!r}; valid values: {', '.join(SAMPLINGS)}")
         if self.num_crops not in NUM_CROPS:
@@ -63,11 +101,44 @@ class InputConfig:
             raise UserError("temporal_pool needs num_frames >= 3")
 
     @property
+    def eval_crop(self) -> int:
+        """Side of the square evaluation crops."""
+        return self.eval_crop_size or self.crop_size
+
+    @property
+    def num_views(self) -> int:
+        return self.num_clips * self.num_crops
+
+    @property
     def model_frames(self) -> int:
         """Frames the network sees (after optional temporal pooling)."""
         if self.temporal_pool:
             return (self.num_frames - 3) // 2 + 1
         return self.num_frames
+
+
+def with_protocol(cfg: InputConfig, name: str) -> InputConfig:
+    """``cfg`` evaluated with the named protocol ``name`` (one of ``PROTOCOL_VIEWS``)."""
+    if name not in PROTOCOL_VIEWS:
+        raise UserError(f"protocol {name!r}; valid named protocols: {', '.join(PROTOCOL_VIEWS)}")
+    return dataclasses.replace(cfg, eval_protocol=name)
+
+
+def protocol(cfg: InputConfig) -> dict:
+    """The evaluation protocol of ``cfg``: what every accuracy it gives is measured on.
+
+    Clip-level accuracy scores each view alone; video-level averages the softmax of
+    a video's ``clips x crops`` views."""
+    frames = f"{cfg.num_frames}" + (f" pooled to {cfg.model_frames}" if cfg.temporal_pool else "")
+    sampling = (f"stride {cfg.stride}" if cfg.sampling == "dense" else "TSN segments")
+    label = (f"{cfg.eval_protocol}: {frames} frames ({sampling}) x {cfg.num_clips} clip"
+             f"{'s' if cfg.num_clips > 1 else ''} x {cfg.num_crops} crop"
+             f"{'s' if cfg.num_crops > 1 else ''} of {cfg.eval_crop}x{cfg.eval_crop} "
+             f"(short side {cfg.eval_short_side})")
+    return {"name": cfg.eval_protocol, "frames": cfg.num_frames, "model_frames": cfg.model_frames,
+            "sampling": cfg.sampling, "frame_stride": cfg.stride, "clips": cfg.num_clips,
+            "crops": cfg.num_crops, "crop_size": cfg.eval_crop, "short_side": cfg.eval_short_side,
+            "label": label}
 
 
 class InputStats:
@@ -201,23 +272,21 @@ def preprocess_train(encoded, cfg: InputConfig):
     return frames
 
 
-def preprocess_eval(encoded, cfg: InputConfig):
-    """All views of one video: [num_clips * num_crops, T, H, W, 3]."""
-    frames = decode_frames(sample_frames(encoded, cfg, training=False), cfg.num_clips * cfg.num_frames)
+def preprocess_eval_clip(encoded, cfg: InputConfig):
+    """The views of one evaluation clip: ``num_frames`` encoded frames decoded, short
+    side resized to ``eval_short_side``, ``num_crops`` square crops of ``eval_crop``
+    -> [num_crops, T, H, W, 3] uint8."""
+    frames = decode_frames(encoded, cfg.num_frames)
     frames = ops3d.resize_smallest(frames, cfg.eval_short_side)
-    frames = tf.reshape(frames, tf.concat([[cfg.num_clips, cfg.num_frames], tf.shape(frames)[1:]], 0))
+    crops = ops3d.crop_image(frames, cfg.eval_crop, cfg.eval_crop, random=False,
+                             num_crops=cfg.num_crops)
     views = []
-    for c in range(cfg.num_clips):
-        crops = ops3d.crop_image(frames[c], cfg.crop_size, cfg.crop_size, random=False,
-                                 num_crops=cfg.num_crops)
-        views.extend(tf.split(crops, cfg.num_crops, axis=0))
-    clips = []
-    for v in views:
+    for v in tf.split(crops, cfg.num_crops, axis=0):
         if cfg.temporal_pool:
             v = temporal_pool(v)
-        clips.append(_to_pixels(v))
-    out = tf.stack(clips)
-    out.set_shape((cfg.num_clips * cfg.num_crops, cfg.model_frames, cfg.crop_size, cfg.crop_size, 3))
+        views.append(_to_pixels(v))
+    out = tf.stack(views)
+    out.set_shape((cfg.num_crops, cfg.model_frames, cfg.eval_crop, cfg.eval_crop, 3))
     return out
 
 
@@ -305,19 +374,28 @@ def eval_dataset(data_dir: str, split: str, cfg: InputConfig) -> tf.data.Dataset
     """Flattened views: (clips [B,T,H,W,3], labels [B], video index [B]).
 
     Each video yields ``num_clips * num_crops`` consecutive views that share a
-    video index; average their scores for video-level accuracy.
+    video index; average their scores for video-level accuracy.  Views are made
+    one clip at a time (``preprocess_eval_clip``), so memory does not grow with
+    the number of views per video.
     """
     ds = _records(records.shard_paths(data_dir, split), False, None)
     ds = ds.map(parse_clip, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.enumerate()
-    n_views = cfg.num_clips * cfg.num_crops
 
-    def views(i, item):
+    def clips(i, item):  # the encoded frames of each clip: strings, no pixels yet
         enc, label, _ = item
-        return (preprocess_eval(enc, cfg), tf.fill([n_views], label),
-                tf.fill([n_views], tf.cast(i, tf.int32)))
+        sampled = tf.reshape(sample_frames(enc, cfg, training=False),
+                             [cfg.num_clips, cfg.num_frames])
+        return tf.data.Dataset.from_tensor_slices((
+            sampled, tf.fill([cfg.num_clips], label),
+            tf.fill([cfg.num_clips], tf.cast(i, tf.int32))))
 
-    # A video that fails to decode is dropped whole (its views stay together); the
-    # evaluation reports how many videos it scored.
-    ds = ds.map(views, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True).unbatch()
-    return ds.batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)
+    def views(enc, label, vid):
+        return (preprocess_eval_clip(enc, cfg), tf.fill([cfg.num_crops], label),
+                tf.fill([cfg.num_crops], vid))
+
+    # A clip that fails to decode is dropped (its crops stay together); the evaluation
+    # reports how many videos it scored.
+    ds = ds.flat_map(clips)
+    ds = ds.map(views, num_parallel_calls=tf.data.AUTOTUNE).ignore_errors(log_warning=True)
+    return ds.unbatch().batch(cfg.batch_size).prefetch(tf.data.AUTOTUNE)

@@ -30,6 +30,7 @@ import dataclasses
 import keras
 
 from stfusion_tf.model import template as tpl
+from stfusion_tf.model.dropout import PhaseDropout
 from stfusion_tf.model.normalization import PixelNormalization
 from stfusion_tf.model.layers3d import (TEMPORAL_PADDINGS, DepthwiseConv3D, Pad3D,
                                         pad_for_temporal_kernel, same_padding)
@@ -64,6 +65,8 @@ class BackboneConfig:
     temporal_padding: str = "zeros"
     num_frames: int = 8
     crop_size: int = 32
+    #: Dropout before the classifier (``model/dropout.py``; on while there are no gates).
+    dropout: float = 0.0
 
     def __post_init__(self):
         if self.arch not in ARCHS:
@@ -117,7 +120,7 @@ def _template_config(cfg: BackboneConfig) -> tpl.TemplateConfig:
                                            cfg.stem_spatial_kernel),
                               temporal_downsample=cfg.temporal_stride > 1,
                               num_frames=cfg.num_frames, crop_size=cfg.crop_size,
-                              temporal_padding=cfg.temporal_padding)
+                              temporal_padding=cfg.temporal_padding, dropout=cfg.dropout)
 
 
 def positions(cfg: BackboneConfig) -> tuple[str, ...]:
@@ -257,7 +260,8 @@ def build_backbone(cfg: BackboneConfig, strategy: FusionStrategy, num_classes: i
                    name: str | None = None, synchronized_bn: bool = False) -> keras.Model:
     """A 3D backbone of ``cfg`` with ``strategy``'s unit at each position.
 
-    Input: clips [B, T, H, W, 3] of float pixel values in [0, 255]; output: logits.
+    Input: clips [B, T, H, W, 3] of float pixel values in [0, 255] (H, W: the training
+    crop ``cfg.crop_size`` or any evaluation size); output: logits.
     """
     pos = positions(cfg)
     strategy.check_buildable(pos, f"{cfg.arch} backbone")
@@ -268,10 +272,14 @@ def build_backbone(cfg: BackboneConfig, strategy: FusionStrategy, num_classes: i
         return tpl.build_template(_template_config(cfg), num_classes, name=name,
                                   synchronized_bn=synchronized_bn, strategy=strategy)
     b = _Builder(cfg, dict(zip(strategy.positions, strategy.units)), synchronized_bn)
-    inputs = keras.Input((cfg.num_frames, cfg.crop_size, cfg.crop_size, 3), name="clip")
+    # Any frame size (full-frame evaluation); MobileNetV2's stride-2 padding is laid out for
+    # ``crop_size``, the same for any size divisible by 32.
+    inputs = keras.Input((cfg.num_frames, None, None, 3), name="clip")
     x = PixelNormalization(name="input_norm")(inputs)
     x = (_resnet if cfg.arch == "resnet" else _mobilenetv2)(b, x, pos)
     x = keras.layers.GlobalAveragePooling3D(name="avg_pool")(x)
+    if cfg.dropout > 0:
+        x = PhaseDropout(cfg.dropout, name="head_dropout")(x)
     logits = keras.layers.Dense(num_classes, name="predictions")(x)
     return keras.Model(inputs, logits, name=name)
 
@@ -280,6 +288,15 @@ def count_params(model: keras.Model) -> dict:
     import numpy as np
     trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
     return {"params_trainable": trainable, "params_total": int(model.count_params())}
+
+
+def input_geometry(model: keras.Model) -> tuple[int, int, int, int]:
+    """(frames, height, width, channels) a network trains on: its config's crop (the
+    networks take any frame size), else its input shape."""
+    frames, h, w, c = model.input_shape[1:]
+    config = getattr(model, "config", None)
+    crop = getattr(config, "crop_size", None)
+    return (frames, crop or h, crop or w, c)
 
 
 __all__ = ["ARCHS", "BackboneConfig", "PRESETS", "preset", "positions", "build_backbone",

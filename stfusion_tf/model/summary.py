@@ -18,7 +18,7 @@ def parameter_summary(template_cfg: tpl.TemplateConfig, num_classes: int,
     units everywhere."""
     model = tpl.build_template(template_cfg, num_classes, gate_cfg)
     kernels = int(sum(np.prod(v.shape) for v in model.weights if v.path.endswith("kernel")))
-    out = {"input": list(model.input_shape[1:]), "num_classes": num_classes,
+    out = {"input": list(backbones.input_geometry(model)), "num_classes": num_classes,
            "positions": len(model.positions), **backbones.count_params(model),
            "params_conv_fc_kernels": kernels, "backbones": []}
     for name in backbone_names:

@@ -9,15 +9,20 @@ Dense layer (paper Fig. 3, authors' ``_DenseLayer`` "v1d3")::
 
 Transition: the same two gated branches (c -> c * compression), summed, then
 AvgPool (1,2,2) ((2,2,2) in T1 of the temporally down-sampled variant).
-Head: BN-ReLU-global average pool-gated features (per-feature concrete dropout)
--Dense.  Positions are named as in the paper's Fig. 4: ``B1.L1`` ... ``T1`` ...
-``B4.L16``.
+Head: BN-ReLU-global average pool-[dropout]-gated features (per-feature concrete
+dropout)-Dense; the optional dropout (``TemplateConfig.dropout``, the authors' 0.5)
+acts only while the gates are off (``model/dropout.py``).  Positions are named as
+in the paper's Fig. 4: ``B1.L1`` ... ``T1`` ... ``B4.L16``.
 
 Given a FusionStrategy, the same code builds the gate-free network of that
 strategy (the DenseNet121-3D backbone): only the kept branches exist, with the
 template's layer names, so a template's weights load into it by name
 (``transfer_template_weights``).  Stem and pooling pad explicitly and
 symmetrically, as the authors' PyTorch code and ``keras.applications`` do.
+
+The network is fully convolutional in space: it trains on ``crop_size`` crops
+and evaluates on any frame size (the authors score the full 256x256 frame);
+the number of frames is fixed.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import dataclasses
 import keras
 
 from stfusion_tf.errors import UserError
+from stfusion_tf.model.dropout import PhaseDropout
 from stfusion_tf.model.gates import VariationalDropPath, check_gate_args, gate_layers
 from stfusion_tf.model.normalization import PixelNormalization
 from stfusion_tf.model.layers3d import TEMPORAL_PADDINGS, Pad3D, pad_for_temporal_kernel
@@ -64,6 +70,8 @@ class TemplateConfig:
     temporal_downsample: bool = False
     num_frames: int = 16
     crop_size: int = 224
+    #: Dropout before the classifier while the gates are off (warm-up, or a network
+    #: trained without v-DropPath); off in the v-DropPath phase, as the authors.
     dropout: float = 0.0
     #: Padding of temporal kernels: "zeros" (authors) or "replicate" (edge frames).
     temporal_padding: str = "zeros"
@@ -175,7 +183,9 @@ def _graph(config: TemplateConfig, num_classes: int, gate: GateConfig, sync: boo
         strategy.check_buildable(positions, "template layout")
         units = dict(zip(strategy.positions, strategy.units))
     tpad = config.temporal_padding
-    inputs = keras.Input((config.num_frames, config.crop_size, config.crop_size, 3), name="clip")
+    # Any frame size: training crops and full-frame evaluation views (``crop_size`` is
+    # the training crop).
+    inputs = keras.Input((config.num_frames, None, None, 3), name="clip")
     x = _stem(PixelNormalization(name="input_norm")(inputs), config, sync)
     channels = config.init_features
     for b, n_layers in enumerate(config.block_config, start=1):
@@ -197,7 +207,7 @@ def _graph(config: TemplateConfig, num_classes: int, gate: GateConfig, sync: boo
     x = keras.layers.ReLU(name="head_relu")(_bn("head_bn", sync)(x))
     x = keras.layers.GlobalAveragePooling3D(name="head_pool")(x)
     if config.dropout > 0:
-        x = keras.layers.Dropout(config.dropout, name="head_dropout")(x)
+        x = PhaseDropout(config.dropout, name="head_dropout")(x)
     dense = keras.layers.Dense(num_classes, name="classifier")
     logits = dense(x) if strategy is not None else _gate(dense, gate, "head_gate", noise="feature")(x)
     return inputs, logits
@@ -221,7 +231,8 @@ def _stem(x, config: TemplateConfig, sync: bool):
 @keras.saving.register_keras_serializable(package="stfusion_tf")
 class Template(keras.Model):
     """The template (or, with ``strategy``, the gate-free network of one strategy)
-    as a functional Keras model: clips [B,T,H,W,3] (pixel values in [0, 255]) -> logits.
+    as a functional Keras model: clips [B,T,H,W,3] (pixel values in [0, 255], any H and W)
+    -> logits.
 
     Its ``get_config`` carries the architecture, the gate settings and the
     strategy, so a saved model reloads as a ``Template`` that knows its
@@ -269,6 +280,17 @@ def build_template(config: TemplateConfig, num_classes: int,
                     synchronized_bn=synchronized_bn, name=name)
 
 
+def layers_by_name(model: keras.Model) -> dict:
+    """Every layer of ``model`` by name, the layers a gate wraps included
+    (``model.get_layer`` cannot see those: ``b1_l1_s_conv`` inside ``b1_l1_s_gate``)."""
+    out = {}
+    for layer in model._flatten_layers(include_self=False, recursive=True):
+        out[layer.name] = layer
+        if isinstance(layer, VariationalDropPath):
+            out[layer.layer.name] = layer.layer
+    return out
+
+
 def transfer_template_weights(template: keras.Model, network: keras.Model) -> int:
     """Loads a template's weights into a gate-free network built from the same config.
 
@@ -278,12 +300,7 @@ def transfer_template_weights(template: keras.Model, network: keras.Model) -> in
     template's ``mask``-mode outputs exactly.  Returns the number of layers copied.
     """
     import numpy as np
-    from stfusion_tf.model.gates import VariationalDropPath
-    source = {}
-    for layer in template._flatten_layers(include_self=False, recursive=True):
-        source[layer.name] = layer
-        if isinstance(layer, VariationalDropPath):
-            source[layer.layer.name] = layer.layer
+    source = layers_by_name(template)
     head = source.get("head_gate")
     copied = 0
     for layer in network.layers:
