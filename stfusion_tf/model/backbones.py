@@ -282,5 +282,26 @@ def count_params(model: keras.Model) -> dict:
     return {"params_trainable": trainable, "params_total": int(model.count_params())}
 
 
+def summary(template_cfg, gate_cfg, num_classes: int, names=(), overrides=None) -> dict:
+    """Parameter counts of a template (``--mode=summary``) and, for each backbone in
+    ``names``, of its S, ST and S+ST networks."""
+    import numpy as np
+    model = tpl.build_template(template_cfg, num_classes, gate_cfg)
+    kernels = int(sum(np.prod(v.shape) for v in model.weights if v.path.endswith("kernel")))
+    out = {"input": list(model.input_shape[1:]), "num_classes": num_classes,
+           "positions": len(model.positions), **count_params(model),
+           "params_conv_fc_kernels": kernels, "backbones": []}
+    for name in names:
+        bcfg = preset(name, **(overrides or {}))
+        pos = positions(bcfg)
+        row = {"backbone": name, "input": [bcfg.num_frames, bcfg.crop_size, bcfg.crop_size, 3],
+               "positions": len(pos)}
+        for unit in (S, ST, S_ST):
+            net = build_backbone(bcfg, FusionStrategy.uniform(pos, unit), num_classes)
+            row[f"params_{unit}"] = count_params(net)["params_trainable"]
+        out["backbones"].append(row)
+    return out
+
+
 __all__ = ["ARCHS", "BackboneConfig", "PRESETS", "preset", "positions", "build_backbone",
-           "count_params", "UNITS", "S", "ST", "S_ST"]
+           "count_params", "summary", "UNITS", "S", "ST", "S_ST"]
