@@ -261,12 +261,12 @@ def _records(files, training: bool, seed, repeat: bool = False,
     """Records of ``files``: shard order shuffled in training, repeated at the
     file level so the interleave never restarts (no pipeline bubble per epoch).
 
-    With the shards' ``expected`` clip counts, a read of a shard that ends short
-    (a damaged record stops ``TFRecordDataset``) goes on past the damage with
-    ``framing`` (Python, damaged shards only): a damaged record costs that record,
-    counted in ``stats``.  Each read has its own id, so concurrent reads of one shard
-    never mix their counts.  Without counts (or with ``expected=None``, as for the
-    tf.data service, which cannot run Python) a damaged record ends the shard's read.
+    With the shards' ``expected`` clip counts, every read counts what ``TFRecordDataset``
+    delivers (in a table keyed by a per-read id, so concurrent reads of one shard never
+    mix); a read that ends short (a damaged record stops ``TFRecordDataset``) goes on
+    past the damage with ``framing`` (Python, damaged shards only) and adds the records
+    it could not read to ``stats``.  With ``expected=None`` (the tf.data service, which
+    cannot run Python) a damaged record ends its shard's read.
     """
     cycle = min(4, len(files))
     resync = expected is not None and len(expected) == len(files)
@@ -284,9 +284,9 @@ def _records(files, training: bool, seed, repeat: bool = False,
     def read(read_id, item):
         path, n = item
 
-        def count(k, record):
-            with tf.control_dependencies([seen.insert(read_id, k + 1)]):
-                return k + 1, tf.identity(record)
+        def count(record):  # a sequential map (stateful): one read-modify-write per record
+            with tf.control_dependencies([seen.insert(read_id, seen.lookup(read_id) + 1)]):
+                return tf.identity(record)
 
         def rest(read_id):
             k = seen.lookup(read_id)
@@ -296,7 +296,7 @@ def _records(files, training: bool, seed, repeat: bool = False,
                 lambda p, k, n: _rest_of_shard(p, k, n, stats), args=(path, k, n),
                 output_signature=tf.TensorSpec([], tf.string)).take(take)
 
-        fast = _read_shard(path).scan(tf.constant(0, tf.int64), count)
+        fast = _read_shard(path).map(count)
         return fast.concatenate(tf.data.Dataset.from_tensors(read_id).flat_map(rest))
 
     return ds.enumerate().interleave(read, cycle_length=cycle,

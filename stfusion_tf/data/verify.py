@@ -102,29 +102,33 @@ def _original_shard(manifest: dict, data_dir: str, split: str, index: int) -> tu
     return side["media_ids"], side["labels"]
 
 
-def _parse(record: bytes) -> tuple[str, int, int]:
-    """(media id, label, frames) of one record (protobuf only)."""
+def _parse(record: bytes) -> tuple[str, int, int] | None:
+    """(media id, label, frames) of one record (protobuf only); None if it is no clip."""
+    from google.protobuf.message import DecodeError
     from tensorflow.core.example import example_pb2
-    ex = example_pb2.SequenceExample.FromString(record)
-    ctx = ex.context.feature
-    return (ctx[records.MEDIA_ID_KEY].bytes_list.value[0].decode(),
-            int(ctx[records.LABEL_KEY].int64_list.value[0]),
-            len(ex.feature_lists.feature_list[records.IMAGE_KEY].feature))
+    try:
+        ex = example_pb2.SequenceExample.FromString(record)
+        ctx = ex.context.feature
+        return (ctx[records.MEDIA_ID_KEY].bytes_list.value[0].decode(),
+                int(ctx[records.LABEL_KEY].int64_list.value[0]),
+                len(ex.feature_lists.feature_list[records.IMAGE_KEY].feature))
+    except (DecodeError, IndexError, UnicodeDecodeError):
+        return None
 
 
 def drop_damaged(data_dir: str, manifest: dict, shard: ShardCheck) -> dict:
     """Rewrites ``shard`` with the records that read and updates ``manifest`` (returned,
     not written): counts, and the lost records under ``skipped``."""
     path = os.path.join(data_dir, shard.name)
-    kept = ([(_parse(r), r) for r in framing.readable_records(path)]
-            if os.path.exists(path) else [])
+    readable = framing.readable_records(path) if os.path.exists(path) else []
+    kept = [(meta, r) for meta, r in ((_parse(r), r) for r in readable) if meta is not None]
     records.write_shard(path, (r for _, r in kept))
     entry = manifest["splits"][shard.split]
     original = _original_shard(manifest, data_dir, shard.split, shard.index)
-    kept_ids = {meta[0] for meta, _ in kept}
+    known = {meta[0] for meta, _ in kept} | {s["source"] for s in manifest["skipped"]}
     lost = shard.expected - len(kept)
     if original is not None:
-        gone = [(m, lab) for m, lab in zip(*original) if m not in kept_ids]
+        gone = [(m, lab) for m, lab in zip(*original) if m not in known]
         for media_id, label in gone:
             name = manifest["label_map"][label]
             entry["clips_per_class"][name] = max(entry["clips_per_class"].get(name, 0) - 1, 0)
