@@ -26,6 +26,7 @@ SLOW = [
     "export",
     "end_to_end",
     "distributed",
+    "faults",
 ]
 
 def pytest_test(name, src, support, deps, size = "medium"):

@@ -5,6 +5,8 @@ batches of ``--frames`` frames per clip:
 
 * ``stfusion``: ``stfusion_tf.data.pipeline.train_dataset`` (shuffle, sample frames,
   decode only those, random crop (+ scale jitter with ``--jitter``), uint8 batch);
+* ``stfusion_counting``: the same with ``InputStats``, as training runs it (clips
+  dropped and damaged records counted, reads resynchronised past damaged records);
 * ``model_garden``: ``official.vision.dataloaders.video_input`` Decoder + Parser
   (decodes the whole frame list it samples from, random-area crop + resize);
 * ``decode_only``: parse the record and JPEG-decode the same number of frames
@@ -32,13 +34,16 @@ import tensorflow as tf  # noqa: E402
 from stfusion_tf.data import pipeline, records, synthetic  # noqa: E402
 
 
-def clips_per_second(it, batches: int, batch_size: int, warmup: int = 5) -> float:
+def clips_per_second(it, batches: int, batch_size: int, warmup: int = 5) -> tuple[float, float]:
+    """(clips/s, CPU ms per clip): the CPU time of the whole process, which on a busy
+    machine is steadier than the wall time."""
     for _ in range(warmup):
         next(it)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(batches):
         next(it)
-    return batches * batch_size / (time.perf_counter() - t0)
+    n = batches * batch_size
+    return n / (time.perf_counter() - t0), 1e3 * (time.process_time() - c0) / n
 
 
 def repeated_records(files):
@@ -102,6 +107,8 @@ def main():
                                batch_size=args.batch)
     cases = {
         "stfusion": pipeline.train_dataset(data_dir, "train", cfg),
+        "stfusion_counting": pipeline.train_dataset(data_dir, "train", cfg,
+                                                    stats=pipeline.InputStats()),
         "model_garden": model_garden(files, args.frames, args.crop, short, args.batch,
                                      manifest["num_classes"]),
         "decode_only": decode_only(files, args.frames, args.batch),
@@ -117,9 +124,11 @@ def main():
             runs[name].append(clips_per_second(it, args.batches, args.batch))
             del it
             gc.collect()
-    out = {name: round(float(sorted(v)[len(v) // 2]), 1) for name, v in runs.items()}
+    out = {name: round(float(sorted(r[0] for r in v)[len(v) // 2]), 1) for name, v in runs.items()}
+    cpu = {name: round(float(sorted(r[1] for r in v)[len(v) // 2]), 3) for name, v in runs.items()}
     print(json.dumps({
         "clips_per_second": out,
+        "cpu_ms_per_clip": cpu,
         "stfusion_vs_decode_only": round(out["stfusion"] / out["decode_only"], 3),
         "stfusion_vs_model_garden": round(out["stfusion"] / out["model_garden"], 3),
         "setup": {"clip_frames": args.clip_frames, "frame_size": args.size, "frames": args.frames,

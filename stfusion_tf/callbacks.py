@@ -10,23 +10,30 @@
   writes the data and index files first and the ``checkpoint`` state file last
   by rename, so a run killed mid-write (even ``kill -9``) resumes from the last
   complete checkpoint.  An "epoch" is ``steps_per_epoch`` optimizer steps, so a
-  resumed run ends at the same step count as an uninterrupted one.
+  resumed run ends at the same step count as an uninterrupted one.  A checkpoint
+  damaged afterwards (a cut copy, a bad disk) is found on restore, which reads
+  every tensor back, and the run resumes from the newest one that reads.
 * ``FusionSummaries``: cross-entropy vs regulariser split, learning rate,
   drop-rate histograms and the marginal bar chart (Fig. 4 style) in TensorBoard.
-* ``InputHealth``: clips and records the input pipeline dropped as corrupt.
+* ``InputHealth``: clips and records the input pipeline dropped as corrupt or damaged.
 * ``StopOnNonFinite``: NaN/Inf loss stops the run with a clear message; the
   last good checkpoint is kept (the bad epoch is never saved).
 """
 
 from __future__ import annotations
 
+import glob
 import math
+import os
+import shutil
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from stfusion_tf import files
 from stfusion_tf.analysis import marginals as marg
+from stfusion_tf.errors import UserError
 from stfusion_tf.model import dropout as dropout_lib
 from stfusion_tf.model import gates as gates_lib
 from stfusion_tf.model import template as tpl
@@ -86,7 +93,8 @@ class InputHealth(keras.callbacks.Callback):
             tf.summary.scalar("input/lost_records", counts[1])
         if counts != self.reported:
             self.log(f"[input] so far {counts[0]} clip(s) dropped for corrupt frames, "
-                     f"{counts[1]} record(s) lost to corrupt records (see tf.data warnings)")
+                     f"{counts[1]} damaged record(s) skipped (the warnings name the shards; "
+                     "--mode=verify repairs them)")
             self.reported = counts
 
 
@@ -99,11 +107,48 @@ class StopOnNonFinite(keras.callbacks.Callback):
                 "is kept; lower --learning_rate or check the input data.")
 
 
+def checkpoint_problem(prefix: str) -> str | None:
+    """None when every tensor of the checkpoint ``prefix`` reads back (TensorFlow checks
+    each tensor's CRC32C), else why not, in one line."""
+    try:
+        reader = tf.train.load_checkpoint(prefix)
+        for name in reader.get_variable_to_shape_map():
+            reader.get_tensor(name)
+    except (tf.errors.OpError, IndexError, ValueError, OSError) as e:
+        # e.g. IndexError "Read less bytes than requested" for a cut data file
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[0][:200]}"
+    return None
+
+
+def _checkpoint_number(prefix: str) -> int:
+    tail = prefix.rsplit("-", 1)[-1]
+    return int(tail) if tail.isdigit() else -1
+
+
+def checkpoint_candidates(directory: str) -> list[str]:
+    """Checkpoint prefixes in ``directory``, newest first: those its state file lists and
+    any other ``ckpt-N.index`` (a lost or damaged state file hides none)."""
+    names = {os.path.basename(p)[:-len(".index")]
+             for p in glob.glob(os.path.join(glob.escape(directory), "ckpt-*.index"))}
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except (tf.errors.OpError, ValueError, OSError):  # an unparsable state file
+        state = None
+    if state is not None:
+        names |= {os.path.basename(p) for p in state.all_model_checkpoint_paths}
+    return sorted((os.path.join(directory, n) for n in names), key=_checkpoint_number,
+                  reverse=True)
+
+
 class AtomicCheckpoint(keras.callbacks.Callback):
     """Saves to ``directory``; restores from ``restore_from`` (the chief's folder).
 
     In multi-worker training every worker takes part in saving, but only the
     chief writes the real checkpoints; the others write to a scratch folder.
+    ``restore`` reads every tensor of the newest checkpoint before using it and falls
+    back to the newest one that reads completely; the owner of the folder moves the
+    damaged ones to ``damaged/`` and says so in one line.  Checkpoints that exist but
+    none of which reads stop the run (``UserError``): never a silent fresh start.
     """
 
     def __init__(self, directory: str, max_to_keep: int, restore_from: str | None = None):
@@ -124,21 +169,23 @@ class AtomicCheckpoint(keras.callbacks.Callback):
         self.manager = tf.train.CheckpointManager(self.ckpt, self.directory, self.max_to_keep)
         return self
 
-    def restore(self, optimizer: bool = True) -> int:
-        """Restores the latest checkpoint if any; returns the epoch to start from.
+    def restore(self, optimizer: bool = True, log=print) -> int:
+        """Restores the newest complete checkpoint if any; returns the epoch to start from.
 
         ``optimizer=False`` keeps the attached optimizer as it is (a phase that starts
         a fresh one): the model's checkpoint carries the optimizer it was saved with,
         and TF restores it even into one created later, so its state is put back."""
-        latest = tf.train.latest_checkpoint(self.restore_from)
-        if not latest:
-            return 0
         opts = {id(o): o for o in [self.model_optimizer] + inner_optimizers(self.model_optimizer)}
         fresh = [] if optimizer else [(v, v.numpy()) for o in opts.values() for v in o.variables]
-        self.ckpt.restore(latest).expect_partial()
+        epoch = restore_newest(self.ckpt, self.restore_from, self.epoch, log,
+                               owner=self.directory == self.restore_from,
+                               on_repair=self._reopen)
         for v, value in fresh:
             v.assign(value)
-        return int(self.epoch.numpy())
+        return epoch
+
+    def _reopen(self):
+        self.manager = tf.train.CheckpointManager(self.ckpt, self.directory, self.max_to_keep)
 
     def on_epoch_end(self, epoch, logs=None):
         self.epoch.assign(epoch + 1)
@@ -146,12 +193,82 @@ class AtomicCheckpoint(keras.callbacks.Callback):
 
 
 def checkpoint_epoch(directory: str) -> int:
-    """The epoch the latest checkpoint in ``directory`` ends (0: none), read without
-    restoring it: which phase's optimizer it holds decides how to build the model's."""
-    latest = tf.train.latest_checkpoint(directory)
-    if not latest:
+    """The epoch the newest complete checkpoint in ``directory`` ends (0: none), read
+    without restoring it: which phase's optimizer it holds decides how to build the
+    model's."""
+    for prefix in checkpoint_candidates(directory):
+        if checkpoint_problem(prefix) is None:
+            return int(tf.train.load_variable(prefix, "epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+    return 0
+
+
+def restore_newest(ckpt: tf.train.Checkpoint, directory: str, epoch: tf.Variable, log=print,
+                   owner: bool = True, on_repair=None) -> int:
+    """Restores ``ckpt`` from the newest checkpoint of ``directory`` that reads completely
+    and returns its epoch (0: there is none).  With ``owner``, damaged checkpoints are
+    moved to ``<directory>/damaged/`` and the state file rewritten without them."""
+    if owner:
+        for tmp in glob.glob(os.path.join(glob.escape(directory), "*_temp*")):
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a save that failed
+    damaged, good = [], None
+    for prefix in checkpoint_candidates(directory):
+        problem = checkpoint_problem(prefix)
+        if problem is None:
+            good = prefix
+            break
+        damaged.append((prefix, problem))
+    if damaged and owner:
+        _set_aside(directory, [p for p, _ in damaged], good)
+        if on_repair:
+            on_repair()
+    where = f"moved to {os.path.join(directory, 'damaged')}" if owner else "skipped"
+    if damaged and good is None:
+        raise UserError(
+            f"no checkpoint in {directory} reads completely ({_names(damaged)}: "
+            f"{damaged[0][1]}); they were {where}; re-run the same command to train from "
+            "scratch")
+    if good is None:
         return 0
-    return int(tf.train.load_variable(latest, "epoch/.ATTRIBUTES/VARIABLE_VALUE"))
+    ckpt.restore(good).expect_partial()
+    if damaged:
+        log(f"[checkpoint] {_names(damaged)} in {directory} did not read completely "
+            f"({damaged[0][1]}); {where}; resuming from {os.path.basename(good)} "
+            f"(epoch {int(epoch.numpy())})")
+    return int(epoch.numpy())
+
+
+def _names(damaged) -> str:
+    return ", ".join(os.path.basename(p) for p, _ in damaged)
+
+
+def _set_aside(directory: str, prefixes, good: str | None) -> None:
+    """Moves the files of ``prefixes`` to ``damaged/`` and points the state file at the
+    checkpoints left (``good`` the newest), keeping their timestamps so that
+    ``CheckpointManager`` goes on rotating them."""
+    aside = os.path.join(directory, "damaged")
+    os.makedirs(aside, exist_ok=True)
+    for prefix in prefixes:
+        for path in glob.glob(glob.escape(prefix) + ".*"):
+            os.replace(path, os.path.join(aside, os.path.basename(path)))
+    state_path = os.path.join(directory, "checkpoint")
+    if good is None:
+        if os.path.exists(state_path):
+            os.replace(state_path, os.path.join(aside, "checkpoint"))
+        return
+    try:
+        state = tf.train.get_checkpoint_state(directory)
+    except (tf.errors.OpError, ValueError, OSError):
+        state = None
+    stamps = dict(zip(map(os.path.basename, state.all_model_checkpoint_paths),
+                      state.all_model_checkpoint_timestamps)) if state else {}
+    names = [os.path.basename(p) for p in reversed(checkpoint_candidates(directory))
+             if os.path.exists(p + ".index")]
+    lines = [f'model_checkpoint_path: "{os.path.basename(good)}"']
+    lines += [f'all_model_checkpoint_paths: "{n}"' for n in names]
+    if names and all(n in stamps for n in names):
+        lines += [f"all_model_checkpoint_timestamps: {stamps[n]!r}" for n in names]
+        lines.append(f"last_preserved_timestamp: {state.last_preserved_timestamp!r}")
+    files.write_text(state_path, "\n".join(lines) + "\n")  # CheckpointState, text format
 
 
 class FusionSummaries(keras.callbacks.Callback):

@@ -48,6 +48,15 @@ def is_multi_worker(distribution) -> bool:
     return isinstance(distribution, tf.distribute.MultiWorkerMirroredStrategy)
 
 
+class WorkerLostError(RuntimeError):
+    """Another worker of a multi-worker job stopped answering (killed, preempted)."""
+
+
+#: What the collectives raise when a peer is gone.
+_PEER_ERRORS = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError,
+                tf.errors.AbortedError)
+
+
 def fit_multi_worker(model, distribution, dataset, epochs: int, initial_epoch: int, steps: int,
                      global_batch: int, callbacks, verbose: int) -> dict:
     """``model.fit`` for MultiWorkerMirroredStrategy, which Keras 3's fit does not
@@ -55,7 +64,23 @@ def fit_multi_worker(model, distribution, dataset, epochs: int, initial_epoch: i
 
     Same loss (mean cross-entropy over the global batch + the gates' regulariser,
     once), same callbacks, same logs; gradients are all-reduced by the distribution.
+    A worker that dies stops the others with ``WorkerLostError``: re-launching the job
+    resumes every worker from the last complete checkpoint.
     """
+    try:
+        return _fit_loop(model, distribution, dataset, epochs, initial_epoch, steps,
+                         global_batch, callbacks, verbose)
+    except _PEER_ERRORS as e:
+        cause = next((line for line in str(e).splitlines() if "aborted by" in line),
+                     str(e).strip().splitlines()[0])
+        raise WorkerLostError(
+            f"a worker of the job was lost ({cause.split('}')[-1].strip()[:160]}); re-launch "
+            "the same command on every worker: training resumes from the last complete "
+            "checkpoint") from None
+
+
+def _fit_loop(model, distribution, dataset, epochs, initial_epoch, steps, global_batch,
+              callbacks, verbose) -> dict:
     with distribution.scope():
         metrics, train_step = _multi_worker_step(model, distribution, global_batch)
     iterator = iter(distribution.experimental_distribute_dataset(dataset))

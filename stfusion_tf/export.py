@@ -155,22 +155,6 @@ def classifier_network(model, strategy: FusionStrategy):
     return strategy_classifier(model, strategy)
 
 
-def resolve_strategy(spec: str, model_dir: str, positions) -> tuple[str, FusionStrategy]:
-    """(name, strategy) of ``--strategy``: opt (the analysis' best), S, ST, S+ST or a
-    FusionStrategy JSON path."""
-    if spec == "opt":
-        path = os.path.join(model_dir, "analysis", "opt_strategy.json")
-        if not os.path.exists(path):
-            raise UserError(f"--strategy=opt needs {path}; run --mode=analyze first")
-        return "opt", FusionStrategy.load(path)
-    if spec in ("S", "ST", "S+ST"):
-        return spec.replace("+", "_plus_"), FusionStrategy.uniform(positions, spec)
-    if os.path.exists(spec):
-        return os.path.splitext(os.path.basename(spec))[0], FusionStrategy.load(spec)
-    raise UserError(f"--strategy={spec!r}: valid values are opt, S, ST, S+ST or "
-                    "the path of a FusionStrategy JSON file")
-
-
 def export_classifier(model, strategy: FusionStrategy, name: str, label_map, export_dir: str,
                       eval_short_side: int, crop_size: int | None = None, version: int = 1,
                       log=None) -> str:
@@ -195,3 +179,19 @@ def export_classifier(model, strategy: FusionStrategy, name: str, label_map, exp
     with files.atomic_path(path) as tmp:
         archive.write_out(tmp, verbose=False)
     return path
+
+
+def resolve_strategy(spec: str, model_dir: str, positions) -> tuple[str, FusionStrategy]:
+    """(name, strategy) of ``--strategy``: ``opt`` (the analysis' best sampled strategy),
+    a uniform unit, or a FusionStrategy JSON path."""
+    if spec == "opt":
+        path = os.path.join(model_dir, "analysis", "opt_strategy.json")
+        if not os.path.exists(path):
+            raise UserError(f"--strategy=opt needs {path}; run --mode=analyze first")
+        return "opt", FusionStrategy.load(path)
+    if spec in UNITS[:3]:
+        return spec.replace("+", "_plus_"), FusionStrategy.uniform(positions, spec)
+    if os.path.exists(spec):
+        return os.path.splitext(os.path.basename(spec))[0], FusionStrategy.load(spec)
+    raise UserError(f"--strategy={spec!r}: valid values are opt, S, ST, S+ST or the path of a "
+                    "FusionStrategy JSON file")

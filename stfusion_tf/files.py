@@ -84,12 +84,13 @@ def read_jsonl(path: str) -> tuple[list[dict], int]:
     """Rows of an append-only JSONL results file and the number of torn lines.
 
     A run killed mid-write leaves a cut last line; it is skipped (and counted) so
-    the caller re-does that row.  A missing file reads as empty.
+    the caller re-does that row, as is any other line that does not parse (garbled
+    bytes).  A missing file reads as empty.
     """
     rows, torn = [], 0
     if not os.path.exists(path):
         return rows, torn
-    with open(path) as f:
+    with open(path, errors="replace") as f:  # garbled bytes make a bad line, not a crash
         for line in f:
             if not line.strip():
                 continue

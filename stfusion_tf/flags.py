@@ -23,7 +23,7 @@ from stfusion_tf.errors import UserError
 
 FLAGS = flags.FLAGS
 MODES = ("prepare", "train", "analyze", "export", "generalize", "all", "fidelity", "summary",
-         "data_service", "aggregate")
+         "data_service", "aggregate", "verify")
 SYNTHETIC = ("synthetic_motion", "synthetic_appearance",  # data.synthetic.DATASETS
              "synthetic_fine_motion")
 LAYOUTS = ("kinetics400", "ssv1", "ssv2", "ucf101", "folder")  # data.convert.LAYOUTS
@@ -40,6 +40,7 @@ OPTIMIZERS = ("sgd", "adam")  # training.OPTIMIZERS
 GATE_OPTIMIZERS = ("shared", "adam", "sgd")  # training.GATE_OPTIMIZERS
 DISTRIBUTIONS = ("default", "mirrored", "multi_worker", "tpu")  # distribution.DISTRIBUTIONS
 FAMILIES = ("ss", "k400", "ucf")  # model.fusion_rules.FAMILIES
+REPAIRS = ("auto", "source", "drop", "none")  # data.verify.REPAIRS
 
 # -- what to run, where --------------------------------------------------------------------
 flags.DEFINE_enum("mode", "all", MODES, "What to run.")
@@ -74,6 +75,10 @@ flags.DEFINE_integer("synthetic_test", 64, "Reporting (test) clips of a syntheti
 flags.DEFINE_integer("synthetic_frames", 16, "Frames per synthetic clip.", lower_bound=1)
 flags.DEFINE_integer("synthetic_size", 40, "Frame side of synthetic clips (pixels).", lower_bound=8)
 flags.DEFINE_integer("data_seed", 0, "Seed of the synthetic data.")
+flags.DEFINE_enum("repair", "auto", REPAIRS, "--mode=verify: what to do with damaged shards: "
+                  "write them again from their source (a synthetic dataset's generator, or "
+                  "--source_dir), keep only their readable records (drop, listed in the "
+                  "manifest), auto (source when possible, else drop) or none (report only).")
 # -- input pipeline (InputConfig) ------------------------------------------------------------
 flags.DEFINE_integer("num_frames", 8, "Frames per clip fed to the network.", lower_bound=1)
 flags.DEFINE_integer("frame_stride", 1, "Stride between sampled frames (dense sampling).",
@@ -104,8 +109,11 @@ flags.DEFINE_integer("eval_crop_size", 0, "--eval_protocol=custom: side of the e
 flags.DEFINE_string("data_service", None, "grpc://HOST:PORT of a tf.data service dispatcher: "
                     "run training-input preprocessing on its workers.")
 flags.DEFINE_integer("data_service_port", 5050, "--mode=data_service: dispatcher port.")
-flags.DEFINE_integer("data_service_workers", 2, "--mode=data_service: workers in this process.",
-                     lower_bound=1)
+flags.DEFINE_integer("data_service_workers", 2, "--mode=data_service: workers in this process "
+                     "(0: a dispatcher alone; with --data_service, workers that join it).",
+                     lower_bound=0)
+flags.DEFINE_string("data_service_work_dir", None, "--mode=data_service: the dispatcher's "
+                    "journal (fault-tolerant mode: a restarted dispatcher recovers its jobs).")
 # -- the template (TemplateConfig) and its gates (GateConfig) ------------------------------
 flags.DEFINE_enum("preset", "tiny", PRESETS, "Template network preset.")
 flags.DEFINE_bool("temporal_downsample", False, "Temporally down-sampled template variant.")
@@ -229,8 +237,9 @@ ANALYSIS_FLAGS = {"num_samples": "num_samples", "seed": "sample_seed",
                   "selection_protocol": "selection_protocol"}
 #: Flags that do not define a run, so the run record neither keeps nor restores them.
 OPERATIONAL = ("mode", "model_dir", "export_dir", "verbose", "debug", "strategy", "runs",
-               "aggregate_dir",
-               "data_service_port", "data_service_workers", "prepare_workers", "num_classes")
+               "aggregate_dir", "repair",
+               "data_service_port", "data_service_workers", "data_service_work_dir",
+               "prepare_workers", "num_classes")
 
 
 def _build(cls, mapping: dict, convert_values=None):

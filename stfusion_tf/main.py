@@ -8,13 +8,14 @@ ranking, Opt, report), ``export`` (SavedModels), ``all`` (the four in order, the
 ``generalize`` when ``--backbones`` is set), ``generalize`` (train 3D backbones
 with fusion strategies taken from the template, the paper's rules and uniform
 units: the paper's Table 6), ``fidelity`` (train ranked strategies stand-alone to
-check the ranking) and ``summary`` (parameter counts of a preset and backbones).
+check the ranking), ``summary`` (parameter counts of a preset and backbones) and
+``verify`` (check every shard against the manifest, repair the damaged ones).
 
 This module is the mode switch; the flags and their configs live in
 ``flags.py``.  ``analyze``, ``export``, ``generalize`` and ``fidelity`` take the
-run's settings from ``<model_dir>/run.json``, so ``--model_dir`` is enough.
-TensorFlow is imported inside the modes on purpose: a bad flag is reported
-before the seconds an import of TensorFlow takes.
+run's settings from ``<model_dir>/run.json``, so ``--model_dir`` is enough; one
+run at a time holds a model directory (``lock.py``).  TensorFlow is imported
+inside the modes on purpose: a bad flag is reported before it loads.
 """
 
 from __future__ import annotations
@@ -28,21 +29,30 @@ import time
 from absl import app, logging
 
 from stfusion_tf import flags as cli
-from stfusion_tf.errors import UserError
+from stfusion_tf.errors import UserError, environment_message
 
 FLAGS = cli.FLAGS
 
 
 def run_prepare(data_dir):
-    from stfusion_tf.data import synthetic
-    if FLAGS.dataset not in cli.SYNTHETIC:
-        return _prepare_real(data_dir)
-    spec = synthetic.SyntheticSpec(
-        name=FLAGS.dataset, num_classes=FLAGS.synthetic_classes, num_train=FLAGS.synthetic_train,
-        num_val=FLAGS.synthetic_val, num_test=FLAGS.synthetic_test,
-        num_frames=FLAGS.synthetic_frames, size=FLAGS.synthetic_size, seed=FLAGS.data_seed)
+    from stfusion_tf import lock
+    from stfusion_tf.data import convert, synthetic
+    if FLAGS.dataset not in cli.SYNTHETIC and not os.path.isdir(FLAGS.source_dir or ""):
+        raise UserError(f"--dataset={FLAGS.dataset} needs --source_dir, the raw dataset's "
+                        f"folder{f'; {FLAGS.source_dir} is none' if FLAGS.source_dir else ''}")
     t0 = time.time()
-    manifest = synthetic.prepare_synthetic(data_dir, spec, log=logging.info)
+    with lock.for_data_dir(data_dir, "prepare"):
+        if FLAGS.dataset not in cli.SYNTHETIC:
+            return convert.prepare(
+                FLAGS.dataset, FLAGS.source_dir, data_dir, short_side=FLAGS.short_side,
+                clips_per_shard=FLAGS.clips_per_shard, workers=FLAGS.prepare_workers,
+                max_frames=FLAGS.max_frames, ucf_split=int(FLAGS.ucf_split),
+                annotations=FLAGS.annotations, holdout_fraction=FLAGS.holdout_fraction)
+        manifest = synthetic.prepare_synthetic(data_dir, synthetic.SyntheticSpec(
+            name=FLAGS.dataset, num_classes=FLAGS.synthetic_classes,
+            num_train=FLAGS.synthetic_train, num_val=FLAGS.synthetic_val,
+            num_test=FLAGS.synthetic_test, num_frames=FLAGS.synthetic_frames,
+            size=FLAGS.synthetic_size, seed=FLAGS.data_seed), log=logging.info)
     counts = {k: v["num_clips"] for k, v in manifest["splits"].items()}
     print(f"[prepare] {data_dir}: {counts} clips, {manifest['num_skipped']} skipped, "
           f"{time.time() - t0:.1f}s")
@@ -50,9 +60,21 @@ def run_prepare(data_dir):
 
 def _prepare_real(data_dir):
     from stfusion_tf.data import convert
-    convert.prepare(FLAGS.dataset, FLAGS.source_dir, data_dir, int(FLAGS.ucf_split),
-                    FLAGS.annotations, FLAGS.holdout_fraction, FLAGS.short_side,
-                    FLAGS.clips_per_shard, FLAGS.prepare_workers, FLAGS.max_frames)
+    convert.prepare(FLAGS.dataset, FLAGS.source_dir, data_dir, short_side=FLAGS.short_side,
+                    clips_per_shard=FLAGS.clips_per_shard, workers=FLAGS.prepare_workers,
+                    max_frames=FLAGS.max_frames, ucf_split=int(FLAGS.ucf_split),
+                    annotations=FLAGS.annotations, holdout_fraction=FLAGS.holdout_fraction)
+
+
+def run_verify(data_dir):
+    """Checks every shard against the manifest and repairs the damaged ones (--repair)."""
+    from stfusion_tf import lock
+    from stfusion_tf.data import verify
+    with lock.for_data_dir(data_dir, "verify"):
+        out = verify.verify(data_dir, FLAGS.repair, FLAGS.source_dir, log=print)
+    print(verify.summary_line(data_dir, out))
+    if out["remaining"]:
+        sys.exit(1)
 
 
 def _train(model_fn, run_dir, data_dir, train_cfg, eval_split, model_file="template.keras",
@@ -94,18 +116,25 @@ def run_train(data_dir, model_dir):
     try:
         summary = _train(_template_fn, model_dir, data_dir, cli.train_config(),
                          FLAGS.selection_split, init_fn=_template_init())
-    except training.NonFiniteLossError as e:
+    except (training.NonFiniteLossError, training.WorkerLostError) as e:
         print(f"[train] stopped: {e}", file=sys.stderr)
-        sys.exit(3)
+        sys.exit(3 if isinstance(e, training.NonFiniteLossError) else 4)
     print(f"[train] {model_dir}: {summary['steps']} steps; "
           f"{json.dumps(summary.get('eval', {}))}")
 
 
-def _load_template(model_dir):
-    """The trained template, checked against the input geometry the flags give."""
+def _load_template(data_dir, model_dir):
+    """The trained template, checked against the input geometry the flags give; a damaged
+    ``template.keras`` is rebuilt from the run's last checkpoint."""
     from stfusion_tf import training
+    from stfusion_tf.data import records
     from stfusion_tf.model import backbones
-    model = training.load_template(model_dir)
+    try:
+        model = training.load_template(model_dir)
+    except training.DamagedModelFile as e:
+        manifest = records.read_manifest(data_dir)
+        model = _template_fn(manifest["num_classes"], records.split_size(manifest, "train"), False)
+        model = training.rebuild_from_checkpoint(model, model_dir, str(e), log=print)
     icfg = cli.input_config()
     want = (icfg.model_frames, icfg.crop_size, icfg.crop_size)
     have = backbones.input_geometry(model)[:3]
@@ -118,7 +147,7 @@ def _load_template(model_dir):
 
 def run_analyze(data_dir, model_dir):
     from stfusion_tf.analysis import report
-    model = _load_template(model_dir)
+    model = _load_template(data_dir, model_dir)
     result = report.analyze(model, data_dir, model_dir, cli.input_config(),
                             cli.analysis_config(), log=logging.info)
     comp = ", ".join(f"{k} {100 * v['video_top1']:.1f}" for k, v in result["comparison"].items())
@@ -155,7 +184,7 @@ def run_export(data_dir, model_dir, export_dir):
     from stfusion_tf import export
     from stfusion_tf.data import records
     from stfusion_tf.model.template import TemplateGates
-    model = _load_template(model_dir)
+    model = _load_template(data_dir, model_dir)
     name, strategy = export.resolve_strategy(FLAGS.strategy, model_dir,
                                              TemplateGates(model).positions)
     manifest = records.read_manifest(data_dir)
@@ -213,12 +242,14 @@ def run_summary():
 
 
 def run_data_service():
+    """A dispatcher (journal in --data_service_work_dir) and --data_service_workers workers;
+    with --data_service=grpc://HOST:PORT, workers that join that dispatcher."""
     from stfusion_tf.data import service
-    if FLAGS.data_service_port < 1:
+    if not FLAGS.data_service and FLAGS.data_service_port < 1:
         raise UserError("--data_service_port must be a port number >= 1")
-    svc = service.start(FLAGS.data_service_port, FLAGS.data_service_workers)
-    print(f"[data_service] dispatcher at {svc.target} with {FLAGS.data_service_workers} workers; "
-          f"train with --data_service={svc.target}", flush=True)
+    svc = service.serve(FLAGS.data_service_port, FLAGS.data_service_workers,
+                        FLAGS.data_service_work_dir, join_target=FLAGS.data_service)
+    print(f"[data_service] {svc.describe()}", flush=True)
     svc.join()
 
 
@@ -236,6 +267,7 @@ def run_aggregate():
 
 def run(mode: str) -> None:
     """Runs ``mode`` (``all``: prepare -> train -> analyze -> export [-> generalize])."""
+    from stfusion_tf import lock
     cli.check()
     if mode == "summary":
         return run_summary()
@@ -244,12 +276,22 @@ def run(mode: str) -> None:
     if mode == "aggregate":
         return run_aggregate()
     data_dir, model_dir, export_dir = cli.paths()
-    if mode in ("analyze", "export", "generalize", "fidelity") and \
-            cli.apply_record(model_dir, log=print) is not None:
-        cli.check()
-        data_dir, model_dir, export_dir = cli.paths()
+    if mode == "verify":
+        return run_verify(data_dir)
     if mode in ("prepare", "all"):
         run_prepare(data_dir)
+    if mode in ("train", "all"):  # no dataset: stop before a model directory is made
+        from stfusion_tf.data import records
+        records.read_manifest(data_dir)
+    with lock.for_model_dir(mode, model_dir, FLAGS.distribution, os.environ.get("TF_CONFIG")):
+        if mode in ("analyze", "export", "generalize", "fidelity") and \
+                cli.apply_record(model_dir, log=print) is not None:
+            cli.check()
+            data_dir, model_dir, export_dir = cli.paths()
+        _run_modes(mode, data_dir, model_dir, export_dir)
+
+
+def _run_modes(mode, data_dir, model_dir, export_dir):
     if mode in ("train", "all"):
         run_train(data_dir, model_dir)
     if mode in ("analyze", "all"):
@@ -267,10 +309,11 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     try:
         run(FLAGS.mode)
-    except UserError as e:
-        if FLAGS.debug:
+    except Exception as e:  # a user's mistake, a full disk, a foreign directory: one line
+        message = str(e) if isinstance(e, UserError) else environment_message(e)
+        if message is None or FLAGS.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -1,4 +1,5 @@
-"""tf.distribute: Mirrored on two logical CPUs, multi-worker on loopback, kill -9 and resume."""
+"""tf.distribute: Mirrored on two logical CPUs, multi-worker on loopback (a worker killed,
+the job re-launched), kill -9 and resume (the dead run's lock taken over)."""
 
 import json
 import os
@@ -98,22 +99,53 @@ def tiny_data(tmp_path_factory):
     return d
 
 
-def test_multi_worker_mirrored_two_processes_on_loopback(tiny_data, tmp_path):
+def _workers(data, run, logs, *args):
+    """The same training command on two worker processes over 127.0.0.1; their output goes
+    to ``<logs>0`` and ``<logs>1`` (files: a full pipe would block a worker)."""
     ports = _free_ports(2)
     cluster = {"worker": [f"127.0.0.1:{p}" for p in ports]}
     procs = []
     for i in range(2):
         env = dict(ENV, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": i}}))
-        procs.append(subprocess.Popen(
-            _cmd(tiny_data, "--mode=train", "--distribution=multi_worker", "--epochs=2",
-                 f"--model_dir={tmp_path}/run"),
-            env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    outs = [p.communicate(timeout=900) for p in procs]
-    for p, (o, e) in zip(procs, outs):
-        assert p.returncode == 0, e[-3000:]
-    summary = json.loads((tmp_path / "run" / "train_summary.json").read_text())
-    assert summary["replicas"] == 2 and summary["chief"] is True and summary["steps"] == 6
-    assert not (tmp_path / "run" / "_worker_scratch" / "1").exists()
+        with open(f"{logs}{i}", "w") as out:
+            procs.append(subprocess.Popen(
+                _cmd(data, "--mode=train", "--distribution=multi_worker", f"--model_dir={run}",
+                     *args), env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _wait_for_checkpoint(run, name, procs, timeout=900):
+    state = run / "checkpoints" / "checkpoint"
+    deadline = time.time() + timeout
+    while time.time() < deadline and all(p.poll() is None for p in procs):
+        if state.exists() and f'"{name}"' in state.read_text():
+            return
+        time.sleep(0.05)
+    assert all(p.poll() is None for p in procs), "training ended before it could be killed"
+
+
+def test_multi_worker_on_loopback_a_killed_worker_and_a_relaunch_resumes(tiny_data, tmp_path):
+    """Two workers; worker 1 killed with SIGKILL after the first checkpoint: worker 0 stops
+    with one line (exit 4); the same command re-launched resumes both workers from the last
+    complete checkpoint and ends at the step count of an uninterrupted run."""
+    run, logs = tmp_path / "run", tmp_path / "worker"
+    procs = _workers(tiny_data, run, logs, "--epochs=3")
+    _wait_for_checkpoint(run, "ckpt-1", procs)
+    os.kill(procs[1].pid, signal.SIGKILL)
+    try:
+        procs[0].wait(timeout=600)
+    finally:
+        procs[0].kill()
+    err = (tmp_path / "worker0").read_text()
+    assert procs[0].returncode == 4, err[-3000:]
+    assert "[train] stopped: a worker of the job was lost" in err and "Traceback" not in err
+    procs = _workers(tiny_data, run, logs, "--epochs=3")
+    for i, p in enumerate(procs):
+        assert p.wait(timeout=1800) == 0, (tmp_path / f"worker{i}").read_text()[-3000:]
+    summary = json.loads((run / "train_summary.json").read_text())
+    assert summary["replicas"] == 2 and summary["chief"] is True and summary["steps"] == 9
+    assert len(summary["history"]["loss"]) < 3  # resumed, not started over
+    assert not (run / "_worker_scratch" / "1").exists()
 
 
 def test_sigkill_mid_training_resumes_to_the_same_step_count(tiny_data, tmp_path):
@@ -131,6 +163,7 @@ def test_sigkill_mid_training_resumes_to_the_same_step_count(tiny_data, tmp_path
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     assert not (run / "template.keras").exists()
+    assert f'"pid": {p.pid}' in (run / "run.lock").read_text()  # the dead run's lock file
     r = subprocess.run(_cmd(tiny_data, *args), env=ENV, cwd=ROOT, capture_output=True, text=True,
                        timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]

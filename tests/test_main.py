@@ -71,7 +71,7 @@ def test_flag_choices_are_the_library_tuples():
     each must equal the library tuple it stands for."""
     from absl import flags as absl_flags
     from stfusion_tf import distribution, flags, main, training  # noqa: F401  (defines flags)
-    from stfusion_tf.data import convert, pipeline, synthetic
+    from stfusion_tf.data import convert, pipeline, synthetic, verify
     from stfusion_tf.model import fusion_rules, gates
     from stfusion_tf.model import template as tpl
     library = {
@@ -85,6 +85,7 @@ def test_flag_choices_are_the_library_tuples():
         "gate_optimizer": training.GATE_OPTIMIZERS,
         "distribution": distribution.DISTRIBUTIONS,
         "fusion_family": ("auto",) + fusion_rules.FAMILIES,
+        "repair": verify.REPAIRS,
     }
     FLAGS = absl_flags.FLAGS
     for name, choices in library.items():

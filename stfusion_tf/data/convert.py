@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 
 from stfusion_tf import files
 from stfusion_tf.errors import UserError
-from stfusion_tf.data import records
+from stfusion_tf.data import framing, records
 from stfusion_tf.progress import Progress
 
 VIDEO_EXTS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg")
@@ -277,17 +277,22 @@ def _shard_sidecar(path: str) -> str:
 
 def convert(listing: Listing, out_dir: str, name: str, short_side: int = 256,
             clips_per_shard: int = 256, workers: int | None = None, quality: int = 90,
-            max_frames: int = 0, log: Callable = print, progress_stream=sys.stderr) -> dict:
+            max_frames: int = 0, log: Callable = print, progress_stream=sys.stderr,
+            settings: dict | None = None) -> dict:
     """Decodes and writes every listed video; returns the manifest.
 
     A shard is complete when its ``.tfrecord`` and its ``.tfrecord.json`` sidecar
-    (labels, frame counts, skipped inputs) both exist; re-running skips complete
-    shards.  The manifest is written last.
+    (labels, media ids, frame counts, skipped inputs, size and SHA-256) both exist;
+    re-running skips complete shards.  The manifest is written last.  ``settings``
+    (how the listing was made: split, annotations, hold-out fraction) go into the
+    manifest with ``clips_per_shard`` and ``max_frames``, so ``--mode=verify`` can
+    rewrite a damaged shard from the source exactly as it was.
     """
     os.makedirs(out_dir, exist_ok=True)
     workers = workers or min(2, os.cpu_count() or 1)
-    builder = records.ManifestBuilder(name, listing.label_map,
-                                      extra={"short_side": short_side, "source_layout": name})
+    prepare = {**(settings or {}), "clips_per_shard": clips_per_shard, "max_frames": max_frames}
+    builder = records.ManifestBuilder(name, listing.label_map, extra={
+        "short_side": short_side, "source_layout": name, "prepare": prepare})
     builder.skipped.extend(listing.skipped)
     by_split: dict[str, list[VideoItem]] = {}
     for it in listing.items:
@@ -296,18 +301,16 @@ def convert(listing: Listing, out_dir: str, name: str, short_side: int = 256,
     with cf.ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         for split, items in sorted(by_split.items()):
             n_shards = max(1, -(-len(items) // clips_per_shard))
-            shards, labels, nframes, shard_clips = [], [], [], []
+            shards, labels, nframes, shard_clips, digests = [], [], [], [], []
             prog = Progress(len(items), f"{name}/{split}", progress_stream)
             for s in range(n_shards):
                 fname = records.shard_name(split, s, n_shards)
                 path = os.path.join(out_dir, fname)
                 chunk = items[s * clips_per_shard:(s + 1) * clips_per_shard]
                 shards.append(fname)
-                if os.path.exists(path) and os.path.exists(_shard_sidecar(path)):
-                    with open(_shard_sidecar(path)) as f:
-                        side = json.load(f)
-                    for _ in chunk:
-                        prog.update(True)
+                side = _finished_shard(path)
+                if side is not None:
+                    prog.update_many(len(chunk))
                 else:
                     side = _write_shard(pool, chunk, path, listing.label_map, short_side, quality,
                                         max_frames, prog)
@@ -315,7 +318,8 @@ def convert(listing: Listing, out_dir: str, name: str, short_side: int = 256,
                 shard_clips.append(len(side["labels"]))
                 nframes.extend(side["num_frames"])
                 builder.skipped.extend(side["skipped"])
-            builder.add_split(split, shards, labels, nframes, shard_clips)
+                digests.append({"bytes": side["bytes"], "sha256": side["sha256"]})
+            builder.add_split(split, shards, labels, nframes, shard_clips, digests)
     manifest = builder.write(out_dir)
     total = sum(len(v) for v in by_split.values()) + len(listing.skipped)
     log(f"[prepare] {out_dir}: {sum(s['num_clips'] for s in manifest['splits'].values())} clips "
@@ -323,8 +327,22 @@ def convert(listing: Listing, out_dir: str, name: str, short_side: int = 256,
     return manifest
 
 
+def _finished_shard(path: str) -> dict | None:
+    """The sidecar of a shard written by an earlier run, or None when the shard must be
+    (re)written: missing, or its sidecar missing or unreadable."""
+    if not (os.path.exists(path) and os.path.exists(_shard_sidecar(path))):
+        return None
+    try:
+        side = files.read_json(_shard_sidecar(path))
+    except (OSError, ValueError):
+        return None
+    if "sha256" not in side:  # written before shards had checksums
+        side.update(framing.file_digest(path))
+    return side
+
+
 def _write_shard(pool, chunk, path, label_map, short_side, quality, max_frames, prog) -> dict:
-    side = {"labels": [], "num_frames": [], "skipped": []}
+    side = {"labels": [], "media_ids": [], "num_frames": [], "skipped": []}
     futures = [pool.submit(decode_item, it, short_side, quality, max_frames) for it in chunk]
 
     def gen():
@@ -335,6 +353,7 @@ def _write_shard(pool, chunk, path, label_map, short_side, quality, max_frames, 
                 prog.update(False)
                 continue
             side["labels"].append(it.label)
+            side["media_ids"].append(it.media_id)
             side["num_frames"].append(len(res["frames"]))
             prog.update(True)
             yield records.make_sequence_example(
@@ -342,9 +361,33 @@ def _write_shard(pool, chunk, path, label_map, short_side, quality, max_frames, 
                 source=it.source, original_size=res["size"])
 
     records.write_shard(path, gen())
+    side.update(framing.file_digest(path))
     files.write_json(_shard_sidecar(path), side)
     return side
 
+
+def prepare(layout: str, source_dir: str | None, data_dir: str, *, short_side: int = 256,
+            clips_per_shard: int = 256, workers: int | None = None, max_frames: int = 0,
+            ucf_split: int = 1, annotations: Sequence[str] = (), holdout_fraction: float = 0.0,
+            log: Callable = print) -> dict:
+    """``--mode=prepare`` for a real dataset: list it, carve the hold-out split, convert;
+    the settings go into the manifest (``--mode=verify`` rewrites shards with them)."""
+    if not source_dir:
+        raise UserError(f"--dataset={layout} needs --source_dir (the raw dataset)")
+    annotations = [os.path.abspath(a) for a in annotations]
+    try:
+        listing = carve_holdout(list_dataset(layout, source_dir, ucf_split, annotations),
+                                holdout_fraction)
+    except (FileNotFoundError, ValueError) as e:
+        raise UserError(f"cannot read {layout} from {source_dir}: {e}") from None
+    manifest = convert(listing, data_dir, layout, short_side=short_side,
+                       clips_per_shard=clips_per_shard, workers=workers, max_frames=max_frames,
+                       log=log, settings={"ucf_split": ucf_split, "annotations": annotations,
+                                          "holdout_fraction": holdout_fraction})
+    if not any(s["num_clips"] for s in manifest["splits"].values()):
+        raise UserError(f"no clip of {source_dir} could be converted; "
+                        f"see {data_dir}/manifest.json for the reasons")
+    return manifest
 
 
 def _first_existing(*paths):
@@ -387,23 +430,3 @@ def list_dataset(layout: str, source_dir: str, ucf_split: int = 1,
         return list_ucf101(_first_existing(j("UCF-101"), j("videos")),
                            _first_existing(j("ucfTrainTestlist"), j("splits")), ucf_split)
     return list_folder(source_dir)
-
-
-def prepare(dataset: str, source_dir: str | None, data_dir: str, ucf_split: int = 1,
-            annotations: Sequence[str] = (), holdout_fraction: float = 0.0, short_side: int = 256,
-            clips_per_shard: int = 256, workers: int | None = None, max_frames: int = 0) -> dict:
-    """``--mode=prepare`` for a real dataset: list it from its official layout, carve a
-    holdout split, convert; a user error (missing or unreadable source) is a UserError."""
-    if not source_dir:
-        raise UserError(f"--dataset={dataset} needs --source_dir (the raw dataset)")
-    try:
-        listing = carve_holdout(list_dataset(dataset, source_dir, ucf_split, annotations),
-                                holdout_fraction)
-    except (FileNotFoundError, ValueError) as e:
-        raise UserError(f"cannot read {dataset} from {source_dir}: {e}") from None
-    manifest = convert(listing, data_dir, dataset, short_side=short_side,
-                       clips_per_shard=clips_per_shard, workers=workers, max_frames=max_frames)
-    if not any(s["num_clips"] for s in manifest["splits"].values()):
-        raise UserError(f"no clip of {source_dir} could be converted; "
-                        f"see {data_dir}/manifest.json for the reasons")
-    return manifest

@@ -32,11 +32,13 @@ custom     flags  flags  eval_crop_size      (default: one crop_size centre crop
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import tensorflow as tf
+from absl import logging
 from official.vision.ops import preprocess_ops_3d as ops3d
 
-from stfusion_tf.data import records
+from stfusion_tf.data import framing, records
 from stfusion_tf.errors import UserError
 
 
@@ -146,16 +148,21 @@ class InputStats:
 
     * A corrupt frame makes its clip fail to decode; ``ignore_errors`` drops the
       clip, and ``attempted - decoded`` counts such clips.
-    * A corrupt record (CRC error) ends the read of its shard; the records after
-      it are lost.  When the manifest lists each shard's clip count, every read
-      of a shard to its end is checked against it and the shortfall is added to
-      ``lost_records``.
+    * A damaged record (CRC error, cut file) costs that record only: the rest of its
+      shard is read by resynchronising on the record framing (``framing``), and the
+      records each read of a shard could not deliver, against the manifest's clip
+      count of the shard, are added to ``lost_records``.
     """
 
     def __init__(self):
         self.attempted = tf.Variable(0, dtype=tf.int64, trainable=False, name="clips_attempted")
         self.decoded = tf.Variable(0, dtype=tf.int64, trainable=False, name="clips_decoded")
-        self.lost = tf.Variable(0, dtype=tf.int64, trainable=False, name="records_lost")
+        self._lost = 0
+        self._lock = threading.Lock()
+
+    def add_lost(self, n: int) -> None:
+        with self._lock:
+            self._lost += n
 
     @property
     def dropped(self) -> int:
@@ -164,8 +171,9 @@ class InputStats:
 
     @property
     def lost_records(self) -> int:
-        """Records lost to corrupt records (a corrupt record and the rest of its shard)."""
-        return int(self.lost.numpy())
+        """Records lost to damage (only the damaged records themselves)."""
+        with self._lock:
+            return self._lost
 
 
 def parse_clip(serialized):
@@ -294,59 +302,92 @@ def _read_shard(path):
     return tf.data.TFRecordDataset(path).ignore_errors(log_warning=True)
 
 
+_WARNED: set = set()
+
+
+def _rest_of_shard(path: bytes, seen, expected, stats: InputStats | None):
+    """The records of a shard after the ``seen`` that ``TFRecordDataset`` read before a
+    damaged record stopped it: every one that reads, found through the framing."""
+    path, seen, expected = path.decode(), int(seen), int(expected)
+    got = 0
+    try:
+        for record in framing.readable_records(path, skip=seen):
+            got += 1
+            yield record
+    except (tf.errors.OpError, OSError) as e:  # the shard is gone or unreadable
+        logging.warning("%s: %s", path, e)
+    lost = max(expected - seen - got, 0)
+    if stats is not None:
+        stats.add_lost(lost)
+    if path not in _WARNED:  # once per shard: InputHealth reports the counts every epoch
+        _WARNED.add(path)
+        logging.warning("%s: %d damaged record(s) skipped, %d of %d read; --mode=verify "
+                        "repairs the shard", path, lost, seen + got, expected)
+
+
 def _records(files, training: bool, seed, repeat: bool = False,
              stats: InputStats | None = None, expected=None):
     """Records of ``files``: shard order shuffled in training, repeated at the
     file level so the interleave never restarts (no pipeline bubble per epoch).
 
-    With ``stats`` and the shards' ``expected`` clip counts, each read of a shard
-    ends with a marker carrying how many of its records were lost; the count is
-    kept inside the read, so concurrent reads of one shard cannot mix.
+    With the shards' ``expected`` clip counts, every read counts what ``TFRecordDataset``
+    delivers (in a table keyed by a per-read id, so concurrent reads of one shard never
+    mix); a read that ends short (a damaged record stops ``TFRecordDataset``) goes on
+    past the damage with ``framing`` (Python, damaged shards only) and adds the records
+    it could not read to ``stats``.  With ``expected=None`` (the tf.data service, which
+    cannot run Python) a damaged record ends its shard's read.
     """
     cycle = min(4, len(files))
-    track = stats is not None and expected is not None and len(expected) == len(files)
+    resync = expected is not None and len(expected) == len(files)
     ds = tf.data.Dataset.from_tensor_slices(
-        (files, tf.constant(expected if track else [0] * len(files), tf.int64)))
+        (files, tf.constant(expected if resync else [0] * len(files), tf.int64)))
     if training:
         ds = ds.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
     if repeat:
         ds = ds.repeat()
+    if not resync:
+        return ds.interleave(lambda path, n: _read_shard(path), cycle_length=cycle,
+                             num_parallel_calls=tf.data.AUTOTUNE, deterministic=not training)
+    seen = tf.lookup.experimental.MutableHashTable(tf.int64, tf.int64, default_value=0)
 
-    def read(path, n):
-        recs = _read_shard(path)
-        if not track:
-            return recs
-        # (record, -1) per record, then the marker ("", records lost) from a running count.
-        marked = recs.map(lambda r: (r, tf.constant(False))).concatenate(
-            tf.data.Dataset.from_tensors((tf.constant(""), tf.constant(True))))
-        return marked.scan(tf.constant(0, tf.int64), lambda seen, item: (
-            seen + 1, (item[0], tf.where(item[1], tf.maximum(n - seen, 0), tf.constant(-1, tf.int64)))))
+    def read(read_id, item):
+        path, n = item
 
-    ds = ds.interleave(read, cycle_length=cycle, num_parallel_calls=tf.data.AUTOTUNE,
-                       deterministic=not training)
-    if not track:
-        return ds
+        def count(record):  # a sequential map (stateful): one read-modify-write per record
+            with tf.control_dependencies([seen.insert(read_id, seen.lookup(read_id) + 1)]):
+                return tf.identity(record)
 
-    def count(record, lost):
-        with tf.control_dependencies([stats.lost.assign_add(tf.maximum(lost, 0))]):
-            return tf.identity(record), lost
+        def rest(read_id):
+            k = seen.lookup(read_id)
+            with tf.control_dependencies([seen.remove(read_id[None])]):
+                take = tf.where(k < n, tf.constant(-1, tf.int64), 0)
+            return tf.data.Dataset.from_generator(
+                lambda p, k, n: _rest_of_shard(p, k, n, stats), args=(path, k, n),
+                output_signature=tf.TensorSpec([], tf.string)).take(take)
 
-    return ds.map(count).filter(lambda r, lost: lost < 0).map(lambda r, lost: r)
+        fast = _read_shard(path).map(count)
+        return fast.concatenate(tf.data.Dataset.from_tensors(read_id).flat_map(rest))
+
+    return ds.enumerate().interleave(read, cycle_length=cycle,
+                                     num_parallel_calls=tf.data.AUTOTUNE,
+                                     deterministic=not training)
 
 
 def train_dataset(data_dir: str, split: str, cfg: InputConfig, repeat: bool = True,
-                  data_service: str | None = None,
-                  stats: InputStats | None = None) -> tf.data.Dataset:
+                  data_service: str | None = None, stats: InputStats | None = None,
+                  resync: bool = True) -> tf.data.Dataset:
     """(clips [B,T,H,W,3] uint8, labels [B] int32), shuffled and repeated.
 
     With ``data_service`` (grpc://host:port) the pipeline runs on tf.data service
-    workers; ``stats`` (local pipelines only) counts clips dropped as corrupt.
+    workers; ``stats`` (local pipelines only) counts clips dropped as corrupt and
+    records lost to damage.  ``resync``: read past damaged records (local pipelines
+    only; see ``_records``).
     """
     manifest = records.read_manifest(data_dir)  # also registers tensorflow-io for URLs
     files = records.shard_paths(data_dir, split, manifest)
     if data_service:
-        stats = None
-    expected = None if stats is None else records.shard_clip_counts(data_dir, split, manifest)
+        stats, resync = None, False
+    expected = records.shard_clip_counts(data_dir, split, manifest) if resync else None
     ds = _records(files, True, cfg.seed, repeat, stats, expected)
     ds = ds.shuffle(cfg.shuffle_buffer, seed=cfg.seed)
 
@@ -378,7 +419,9 @@ def eval_dataset(data_dir: str, split: str, cfg: InputConfig) -> tf.data.Dataset
     one clip at a time (``preprocess_eval_clip``), so memory does not grow with
     the number of views per video.
     """
-    ds = _records(records.shard_paths(data_dir, split), False, None)
+    manifest = records.read_manifest(data_dir)
+    ds = _records(records.shard_paths(data_dir, split, manifest), False, None,
+                  expected=records.shard_clip_counts(data_dir, split, manifest))
     ds = ds.map(parse_clip, num_parallel_calls=tf.data.AUTOTUNE)
     ds = ds.enumerate()
 

@@ -103,8 +103,16 @@ def read_manifest(data_dir: str) -> dict:
         raise UserError(
             f"no {MANIFEST} in {data_dir!r}: the dataset is missing or its preparation "
             "did not finish; run --mode=prepare")
-    with tf.io.gfile.GFile(path) as f:
-        return json.load(f)
+    try:
+        with tf.io.gfile.GFile(path) as f:
+            manifest = json.load(f)
+    except (ValueError, OSError, tf.errors.OpError) as e:
+        raise UserError(f"{path} does not read ({type(e).__name__}: {str(e)[:120]}); re-run "
+                        "--mode=prepare with the same flags: finished shards are kept and the "
+                        "manifest is written again") from None
+    if not isinstance(manifest, dict) or "splits" not in manifest:
+        raise UserError(f"{path} is not a dataset manifest; re-run --mode=prepare")
+    return manifest
 
 
 def split_size(manifest: dict, split: str) -> int:
@@ -138,15 +146,19 @@ class ManifestBuilder:
         self.extra = dict(extra or {})
 
     def add_split(self, split: str, shards: list[str], labels: Sequence[int],
-                  num_frames: Sequence[int], shard_clips: Sequence[int] | None = None) -> None:
+                  num_frames: Sequence[int], shard_clips: Sequence[int] | None = None,
+                  digests: Sequence[dict] | None = None) -> None:
         """``shard_clips``: clips written to each shard, so readers can count records
-        lost to corruption."""
+        lost to damage; ``digests``: each shard's ``{"bytes", "sha256"}`` (``framing.
+        file_digest``), so ``--mode=verify`` finds a damaged shard without parsing it."""
         counts = np.bincount(np.asarray(labels, np.int64), minlength=len(self.label_map))
         nf = np.asarray(num_frames, np.int64) if len(num_frames) else np.zeros([0], np.int64)
         self.splits[split] = {
             "shards": list(shards),
             "num_clips": int(len(labels)),
             **({"shard_clips": [int(n) for n in shard_clips]} if shard_clips is not None else {}),
+            **({"shard_bytes": [int(d["bytes"]) for d in digests],
+                "shard_sha256": [d["sha256"] for d in digests]} if digests is not None else {}),
             "clips_per_class": {self.label_map[i]: int(c) for i, c in enumerate(counts)},
             "num_frames": {
                 "min": int(nf.min()) if nf.size else 0,

@@ -43,7 +43,7 @@ import os
 
 import numpy as np
 
-from stfusion_tf.data import records
+from stfusion_tf.data import framing, records
 from stfusion_tf.errors import UserError
 
 DIRECTIONS = ("east", "west", "south", "north", "southeast", "northwest", "southwest", "northeast")
@@ -259,7 +259,7 @@ def prepare_synthetic(out_dir: str, spec: SyntheticSpec, log=print) -> dict:
         extra={"synthetic": dataclasses.asdict(spec), "frame_size": spec.size})
     for split, n in spec.split_sizes().items():
         num_shards = max(1, -(-n // spec.clips_per_shard))
-        shards, labels, shard_clips = [], [], []
+        shards, labels, shard_clips, digests = [], [], [], []
         for s in range(num_shards):
             name = records.shard_name(split, s, num_shards)
             shards.append(name)
@@ -268,6 +268,7 @@ def prepare_synthetic(out_dir: str, spec: SyntheticSpec, log=print) -> dict:
             shard_clips.append(len(idx))
             path = os.path.join(out_dir, name)
             if os.path.exists(path):
+                digests.append(framing.file_digest(path))
                 continue
 
             def gen(idx=idx, split=split):
@@ -280,6 +281,8 @@ def prepare_synthetic(out_dir: str, spec: SyntheticSpec, log=print) -> dict:
                         original_size=(spec.size, spec.size))
 
             records.write_shard(path, gen())
+            digests.append(framing.file_digest(path))
             log(f"wrote {path}")
-        builder.add_split(split, shards, labels, [spec.num_frames] * len(labels), shard_clips)
+        builder.add_split(split, shards, labels, [spec.num_frames] * len(labels), shard_clips,
+                          digests)
     return builder.write(out_dir)

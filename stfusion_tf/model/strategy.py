@@ -27,6 +27,8 @@ from typing import Sequence
 
 import numpy as np
 
+from stfusion_tf.errors import UserError
+
 S = "S"
 ST = "ST"
 S_ST = "S+ST"
@@ -91,8 +93,12 @@ class FusionStrategy:
 
     @classmethod
     def load(cls, path: str) -> "FusionStrategy":
-        with open(path) as f:
-            return cls.from_json(f.read())
+        try:
+            with open(path) as f:
+                return cls.from_json(f.read())
+        except (OSError, ValueError) as e:
+            raise UserError(f"{path} is not a readable FusionStrategy JSON ({e}); if the "
+                            "analysis wrote it, re-run --mode=analyze") from None
 
     # -- conversions --------------------------------------------------------
     def to_mask(self) -> np.ndarray:
