@@ -14,6 +14,7 @@ FAST = [
     "data",
     "convert",
     "stack",
+    "cost",
 ]
 
 SLOW = [
@@ -21,6 +22,7 @@ SLOW = [
     "export",
     "end_to_end",
     "distributed",
+    "tensorboard",
 ]
 
 def pytest_test(name, src, support, deps, size = "medium"):
