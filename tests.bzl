@@ -15,6 +15,7 @@ FAST = [
     "convert",
     "stack",
     "cost",
+    "evaluation",
 ]
 
 SLOW = [

@@ -133,6 +133,11 @@ flags.DEFINE_string("report_split", "test", "Split on which Opt and uniform stra
 flags.DEFINE_integer("recalibrate_batches", 0, "Also rank with BatchNorm statistics re-estimated "
                      "per sampled sub-network on this many training batches (0: off, as the "
                      "authors); the report compares both rankings.", lower_bound=0)
+flags.DEFINE_float("max_gmacs", None, "Compute budget of Opt: the best sampled strategy whose "
+                   "network needs at most this many GMACs (multiply-accumulates, 1e9) per clip "
+                   "(default: no budget, the paper's Opt).")
+flags.DEFINE_float("max_params", None, "Parameter budget of Opt (a count, e.g. 2e7); with "
+                   "--max_gmacs both must hold.")
 flags.DEFINE_integer("fidelity_strategies", 5, "--mode=fidelity: strategies trained stand-alone.",
                      lower_bound=2)
 # -- backbones (--mode=generalize, --mode=summary) ---------------------------------------------
@@ -173,7 +178,8 @@ TRAIN_FLAGS = {"epochs": "epochs", "warmup_epochs": "warmup_epochs",
                "gate_optimizer": "gate_optimizer", "gate_learning_rate": "gate_learning_rate"}
 ANALYSIS_FLAGS = {"num_samples": "num_samples", "seed": "sample_seed",
                   "selection_split": "selection_split", "report_split": "report_split",
-                  "recalibrate_batches": "recalibrate_batches"}
+                  "recalibrate_batches": "recalibrate_batches", "max_gmacs": "max_gmacs",
+                  "max_params": "max_params"}
 #: Flags that do not define a run, so the run record neither keeps nor restores them.
 OPERATIONAL = ("mode", "model_dir", "export_dir", "verbose", "debug", "strategy",
                "data_service_port", "data_service_workers", "prepare_workers", "num_classes")
@@ -284,3 +290,20 @@ def apply_record(model_dir: str, log=print) -> dict | None:
 
 def _show(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def export_strategy(model_dir, positions):
+    """(name, FusionStrategy) that --strategy names for --mode=export."""
+    from stfusion_tf.model.strategy import UNITS, FusionStrategy
+    if FLAGS.strategy == "opt":
+        path = os.path.join(model_dir, "analysis", "opt_strategy.json")
+        if not os.path.exists(path):
+            raise UserError(f"--strategy=opt needs {path}; run --mode=analyze first")
+        return "opt", FusionStrategy.load(path)
+    if FLAGS.strategy in UNITS[:3]:
+        return FLAGS.strategy.replace("+", "_plus_"), FusionStrategy.uniform(positions, FLAGS.strategy)
+    if os.path.exists(FLAGS.strategy):
+        name = os.path.splitext(os.path.basename(FLAGS.strategy))[0]
+        return name, FusionStrategy.load(FLAGS.strategy)
+    raise UserError(f"--strategy={FLAGS.strategy!r}: valid values are opt, S, ST, S+ST or "
+                    "the path of a FusionStrategy JSON file")

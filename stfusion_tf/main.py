@@ -153,28 +153,12 @@ def run_fidelity(data_dir, model_dir):
           f"{rep['verdict']}")
 
 
-def _export_strategy(model_dir, positions):
-    from stfusion_tf.model.strategy import UNITS, FusionStrategy
-    if FLAGS.strategy == "opt":
-        path = os.path.join(model_dir, "analysis", "opt_strategy.json")
-        if not os.path.exists(path):
-            raise UserError(f"--strategy=opt needs {path}; run --mode=analyze first")
-        return "opt", FusionStrategy.load(path)
-    if FLAGS.strategy in UNITS[:3]:
-        return FLAGS.strategy.replace("+", "_plus_"), FusionStrategy.uniform(positions, FLAGS.strategy)
-    if os.path.exists(FLAGS.strategy):
-        name = os.path.splitext(os.path.basename(FLAGS.strategy))[0]
-        return name, FusionStrategy.load(FLAGS.strategy)
-    raise UserError(f"--strategy={FLAGS.strategy!r}: valid values are opt, S, ST, S+ST or "
-                    "the path of a FusionStrategy JSON file")
-
-
 def run_export(data_dir, model_dir, export_dir):
     from stfusion_tf import export
     from stfusion_tf.data import records
     from stfusion_tf.model.template import TemplateGates
     model = _load_template(model_dir)
-    name, strategy = _export_strategy(model_dir, TemplateGates(model).positions)
+    name, strategy = cli.export_strategy(model_dir, TemplateGates(model).positions)
     manifest = records.read_manifest(data_dir)
     p1 = export.export_probability_space(model, export_dir)
     p2 = export.export_classifier(model, strategy, name, manifest["label_map"], export_dir,
@@ -219,25 +203,18 @@ def run_generalize(data_dir, model_dir):
 
 
 def run_summary():
-    import numpy as np
+    """Sizes and costs of the preset, its uniform strategies, --backbones and a run's samples."""
+    from stfusion_tf import summary
     from stfusion_tf.model import backbones
-    from stfusion_tf.model import template as tpl
-    cfg = cli.template_config()
-    model = tpl.build_template(cfg, FLAGS.num_classes, cli.gate_config())
-    kernels = int(sum(np.prod(v.shape) for v in model.weights if v.path.endswith("kernel")))
-    out = {"preset": FLAGS.preset, "input": list(model.input_shape[1:]),
-           "num_classes": FLAGS.num_classes, "positions": len(model.positions),
-           **backbones.count_params(model), "params_conv_fc_kernels": kernels, "backbones": []}
-    for name in FLAGS.backbones:
-        bcfg = backbones.preset(name, **_backbone_overrides())
-        pos = backbones.positions(bcfg)
-        row = {"backbone": name, "input": [bcfg.num_frames, bcfg.crop_size, bcfg.crop_size, 3],
-               "positions": len(pos)}
-        for unit in ("S", "ST", "S+ST"):
-            net = backbones.build_backbone(bcfg, backbones.FusionStrategy.uniform(pos, unit),
-                                           FLAGS.num_classes)
-            row[f"params_{unit}"] = backbones.count_params(net)["params_trainable"]
-        out["backbones"].append(row)
+    out = summary.template_summary(FLAGS.preset, cli.template_config(), cli.gate_config(),
+                                   FLAGS.num_classes)
+    out["backbones"] = [summary.backbone_summary(
+        name, backbones.preset(name, **_backbone_overrides()), FLAGS.num_classes)
+        for name in FLAGS.backbones]
+    model_dir = cli.paths()[1]
+    sampled = summary.sampled_strategies(os.path.join(model_dir, "analysis"))
+    if sampled is not None:
+        out["sampled_strategies"] = {"model_dir": model_dir, "strategies": sampled}
     print(json.dumps(out, indent=1))
 
 

@@ -36,6 +36,8 @@ GATE_VARIABLES = ".*/p_logit"
 MODEL_FILE = "template.keras"
 SUMMARY_FILE = "train_summary.json"
 TRACE_FILE = "gate_trace.jsonl"
+#: Per-class accuracy and confusion matrix of the final evaluation: ``<model_dir>/evaluation/<split>.json``.
+EVAL_DIR = "evaluation"
 NonFiniteLossError = cb.NonFiniteLossError
 
 
@@ -184,7 +186,7 @@ def train(model: keras.Model, model_dir: str, data_dir: str, input_cfg: pipeline
     files.save_keras(model, os.path.join(model_dir, model_file))
     if eval_split:
         summary["eval"] = {eval_split: _evaluate(model, data_dir, eval_split, input_cfg, manifest,
-                                                 verbose, log)}
+                                                 verbose, log, model_dir, summary["steps"])}
     files.write_json(os.path.join(model_dir, SUMMARY_FILE), summary)
     return summary
 
@@ -214,11 +216,23 @@ def _summary(model, cfg, distribution, chief, steps, n_train, history) -> dict:
     return summary
 
 
-def _evaluate(model, data_dir, split, input_cfg, manifest, verbose, log) -> dict:
+def _evaluate(model, data_dir, split, input_cfg, manifest, verbose, log, model_dir, step) -> dict:
+    """Accuracy on ``split``; the per-class report goes to ``evaluation/<split>.json`` and its
+    confusion matrix to TensorBoard (``eval``)."""
     expected = records.split_size(manifest, split)
     views = expected * input_cfg.num_clips * input_cfg.num_crops
     result = evaluation.evaluate(model, pipeline.eval_dataset(data_dir, split, input_cfg), views,
-                                 progress_stream=sys.stderr if verbose else None)
+                                 progress_stream=sys.stderr if verbose else None,
+                                 label_map=manifest["label_map"])
+    classes = result.pop("classes")
+    result["mean_class_accuracy"] = classes["mean_class_accuracy"]
+    files.write_json(os.path.join(model_dir, EVAL_DIR, f"{split}.json"), {**result, **classes})
+    png = evaluation.plot_confusion(classes, f"{split}: confusion matrix (video level)")
+    writer = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard", "eval"))
+    with writer.as_default(step=step):
+        tf.summary.image(f"confusion_matrix/{split}", tf.io.decode_png(png)[None])
+        tf.summary.scalar(f"mean_class_accuracy/{split}", classes["mean_class_accuracy"])
+    writer.flush()
     log(f"{split}: {json.dumps(result)}")
     if result["num_videos"] < expected:
         log(f"[input] {split}: {expected - result['num_videos']} of {expected} videos could not "

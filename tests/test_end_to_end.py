@@ -59,6 +59,18 @@ def test_mode_all_then_resume(tmp_path):
     for tag in ("epoch_loss", "epoch_accuracy", "loss/regularizer", "loss/cross_entropy",
                 "learning_rate", "drop_rate/S_branch", "marginals"):
         assert tag in tags, (tag, tags)
+    # Per-class evaluation of the selection split, and its confusion matrix in TensorBoard.
+    classes = json.loads((run / "evaluation/val.json").read_text())
+    assert sum(map(sum, classes["confusion_matrix"])) == classes["num_videos"] == 8
+    assert "confusion_matrix/val" in _tags(str(run / "tensorboard" / "eval"))
+    assert {"accuracy_vs_macs", "opt_confusion_matrix"} <= _tags(str(run / "tensorboard" / "analysis"))
+    # --mode=summary prints every sampled strategy's cost from the run's ranking.
+    out = _main(tmp_path, "--mode=summary")
+    sampled = json.loads(out)["sampled_strategies"]["strategies"]
+    rows = [json.loads(l) for l in (run / "analysis/ranking.jsonl").read_text().splitlines()]
+    assert len(sampled) == len({r["key"] for r in rows})
+    assert {s["index"]: s["params"] for s in sampled} == \
+        {r["index"]: r["params"] for r in rows if "duplicate_of" not in r}
     # Resume: one more epoch continues from the checkpoint of epoch 2.
     out = _main(tmp_path, "--mode=train", "--epochs=3")
     assert "[train]" in out

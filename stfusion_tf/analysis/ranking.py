@@ -96,6 +96,10 @@ class StrategyScorer:
             bn.moving_variance.assign(bn.moving_variance / debias)
 
     def score_mask(self, mask) -> dict:
+        return evaluation.summarise(*self.views(mask))
+
+    def views(self, mask):
+        """(softmax scores, labels, video ids) of every view with keep mask ``mask``."""
         mask = tf.convert_to_tensor(np.asarray(mask, np.float32))
         saved = None
         if self.recal_batches:
@@ -112,8 +116,7 @@ class StrategyScorer:
                 for b, (m, v) in zip(self.bns, saved):
                     b.moving_mean.assign(m)
                     b.moving_variance.assign(v)
-        return evaluation.summarise(np.concatenate(scores), np.concatenate(labels),
-                                    np.concatenate(vids))
+        return np.concatenate(scores), np.concatenate(labels), np.concatenate(vids)
 
     def score(self, strategy: FusionStrategy) -> dict:
         return self.score_mask(strategy.to_mask())
@@ -126,18 +129,23 @@ def _fingerprint(drop_rates, seed, num) -> str:
 
 
 def rank(scorer: StrategyScorer, positions, drop_rates, num: int, seed: int,
-         jsonl_path: str, log: Callable = print) -> list[dict]:
+         jsonl_path: str, log: Callable = print, cost_fn: Callable | None = None) -> list[dict]:
     """Samples ``num`` strategies and scores each; results are appended to
     ``jsonl_path`` as they come, and an interrupted run resumes where it stopped.
 
-    Duplicate samples are recognised and not scored twice.  Returns all rows
-    sorted best first (video top-1, then clip top-1).
+    Duplicate samples are recognised and not scored twice.  ``cost_fn(strategy)``
+    (e.g. ``cost.TemplateCosts.row``) adds ``macs`` and ``params`` to every row,
+    also to rows a previous version wrote without them.  Returns all rows sorted
+    best first (video top-1, then clip top-1).
     """
     fp = _fingerprint(drop_rates, seed, num)
     rows, torn = files.read_jsonl(jsonl_path)  # a torn line's strategy is scored again
     done = {row["index"]: row for row in rows if row.get("fingerprint") == fp}
-    if torn or len(done) < len(rows):
-        # Stale rows from other drop rates/seed or a torn line: rewrite cleanly.
+    costless = [r for r in done.values() if cost_fn and "macs" not in r]
+    for row in costless:
+        row.update(cost_fn(FusionStrategy(tuple(positions), tuple(row["units"]))))
+    if torn or len(done) < len(rows) or costless:
+        # Stale rows from other drop rates/seed, a torn line or rows without costs: rewrite.
         files.rewrite_jsonl(jsonl_path, done.values())
     if done:
         log(f"resuming ranking: {len(done)}/{num} strategies already scored")
@@ -152,7 +160,8 @@ def rank(scorer: StrategyScorer, positions, drop_rates, num: int, seed: int,
                 row = dict(by_key[key], index=i, duplicate_of=by_key[key]["index"])
             else:
                 row = {"index": i, "key": key, "code": st.code(), "units": list(st.units),
-                       "counts": st.counts(), "fingerprint": fp, **scorer.score(st)}
+                       "counts": st.counts(), "fingerprint": fp,
+                       **(cost_fn(st) if cost_fn else {}), **scorer.score(st)}
                 by_key[key] = row
             f.append(row)
             done[i] = row
