@@ -16,6 +16,7 @@ FAST = [
     "stack",
     "cost",
     "evaluation",
+    "augment",
 ]
 
 SLOW = [
@@ -24,6 +25,8 @@ SLOW = [
     "end_to_end",
     "distributed",
     "tensorboard",
+    "recipe",
+    "tflite",
 ]
 
 def pytest_test(name, src, support, deps, size = "medium"):

@@ -60,7 +60,8 @@ def _prepare_real(data_dir):
         raise UserError(f"cannot read {FLAGS.dataset} from {FLAGS.source_dir}: {e}") from None
     manifest = convert.convert(listing, data_dir, FLAGS.dataset, short_side=FLAGS.short_side,
                                clips_per_shard=FLAGS.clips_per_shard, workers=FLAGS.prepare_workers,
-                               max_frames=FLAGS.max_frames)
+                               max_frames=FLAGS.max_frames,
+                               keep_frozen=FLAGS.keep_frozen_videos)
     if not any(s["num_clips"] for s in manifest["splits"].values()):
         raise UserError(f"no clip of {FLAGS.source_dir} could be converted; "
                         f"see {data_dir}/manifest.json for the reasons")
@@ -154,16 +155,27 @@ def run_fidelity(data_dir, model_dir):
 
 
 def run_export(data_dir, model_dir, export_dir):
+    """SavedModels of the probability space and the --strategy classifier (or of the
+    --export_model network alone); with --tflite the classifier in TFLite too."""
     from stfusion_tf import export
     from stfusion_tf.data import records
     from stfusion_tf.model.template import TemplateGates
-    model = _load_template(model_dir)
-    name, strategy = cli.export_strategy(model_dir, TemplateGates(model).positions)
-    manifest = records.read_manifest(data_dir)
-    p1 = export.export_probability_space(model, export_dir)
-    p2 = export.export_classifier(model, strategy, name, manifest["label_map"], export_dir,
-                                  FLAGS.eval_short_side, log=lambda m: print(f"[export] {m}"))
-    print(f"[export] {p1}\n[export] {p2}")
+    labels = records.read_manifest(data_dir)["label_map"]
+    say = lambda m: print(f"[export] {m}")  # noqa: E731
+    if FLAGS.export_model:
+        name, network = cli.export_network_name(FLAGS.export_model), \
+            export.load_network(FLAGS.export_model)
+        paths = [export.export_network(network, name, labels, export_dir, FLAGS.eval_short_side)]
+    else:
+        model = _load_template(model_dir)
+        name, strategy = cli.export_strategy(model_dir, TemplateGates(model).positions)
+        network = export.classifier_network(model, strategy)
+        paths = [export.export_probability_space(model, export_dir),
+                 export.export_classifier(model, strategy, name, labels, export_dir,
+                                          FLAGS.eval_short_side, log=say)]
+    if FLAGS.tflite:
+        paths.append(export.export_tflite(network, name, labels, export_dir, log=say))
+    print("\n".join(f"[export] {p}" for p in paths))
 
 
 def _backbone_overrides():

@@ -21,7 +21,7 @@ import tensorflow as tf
 
 from stfusion_tf import callbacks as cb
 from stfusion_tf import distribution as dist_lib
-from stfusion_tf import evaluation, files
+from stfusion_tf import evaluation, files, losses
 from stfusion_tf.data import pipeline, records
 from stfusion_tf.errors import UserError
 from stfusion_tf.model import backbones
@@ -36,14 +36,21 @@ GATE_VARIABLES = ".*/p_logit"
 MODEL_FILE = "template.keras"
 SUMMARY_FILE = "train_summary.json"
 TRACE_FILE = "gate_trace.jsonl"
-#: Per-class accuracy and confusion matrix of the final evaluation: ``<model_dir>/evaluation/<split>.json``.
+#: Per-class report of the final evaluation: ``<model_dir>/evaluation/<split>.json``.
 EVAL_DIR = "evaluation"
 NonFiniteLossError = cb.NonFiniteLossError
 
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """The optimisation recipe of one run; ``epochs`` counts the warm-up too."""
+    """The optimisation recipe of one run; ``epochs`` counts the warm-up too.
+
+    ``label_smoothing``: e of the loss' smoothed targets (0: off, the paper).
+    ``ema``: keep an exponential moving average of the weights (Keras' optimizer
+    ``use_ema``, momentum ``ema_momentum``) and end training with the averaged
+    weights, which the final evaluation, the saved model and the analysis then
+    use.  The gates' drop logits are not averaged (see ``build_optimizer``).
+    """
 
     epochs: int = 6
     warmup_epochs: int = 2
@@ -57,8 +64,15 @@ class TrainConfig:
     seed: int = 0
     gate_optimizer: str = "shared"
     gate_learning_rate: float | None = None
+    label_smoothing: float = 0.0
+    ema: bool = False
+    ema_momentum: float = 0.999
 
     def __post_init__(self):
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise UserError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0.0 < self.ema_momentum < 1.0:
+            raise UserError(f"ema_momentum must be in (0, 1), got {self.ema_momentum}")
         object.__setattr__(self, "lr_steps", tuple(int(s) for s in self.lr_steps))
         if self.optimizer not in OPTIMIZERS:
             raise UserError(f"optimizer={self.optimizer!r}; valid values: {', '.join(OPTIMIZERS)}")
@@ -88,31 +102,44 @@ def _schedule(cfg: TrainConfig, base: float, steps_per_epoch: int):
         [int(e * steps_per_epoch) for e in cfg.lr_steps], values)
 
 
-def _make(name: str, lr, momentum: float):
+def _make(name: str, lr, momentum: float, ema: bool = False, ema_momentum: float = 0.99):
+    kw = {"use_ema": ema, "ema_momentum": ema_momentum}
     if name == "sgd":
-        return keras.optimizers.SGD(lr, momentum=momentum)
-    return keras.optimizers.Adam(lr)
+        return keras.optimizers.SGD(lr, momentum=momentum, **kw)
+    return keras.optimizers.Adam(lr, **kw)
 
 
 def build_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
     """The weights' optimizer; with ``gate_optimizer`` other than ``shared``, the gate
-    logits get their own (Keras' ``MultiOptimizer``), on the same step schedule."""
+    logits get their own (Keras' ``MultiOptimizer``), on the same step schedule.
+
+    With ``ema`` only the weights' optimizer averages.  An average of the drop
+    logits would be a drop rate the run never trained with (it lags the logits,
+    and during warm-up it averages logits that had no gradient), yet the
+    marginals, the sampling and the export read it; so the logits keep their
+    trained values.  Under ``shared`` the logits then get an optimizer of their
+    own with the weights' algorithm and hyperparameters and no average: SGD and
+    Adam update each variable on its own, so the update is the shared one.
+    """
     weights = _make(cfg.optimizer, _schedule(cfg, cfg.learning_rate, steps_per_epoch),
-                    cfg.momentum)
-    if cfg.gate_optimizer == "shared":
+                    cfg.momentum, cfg.ema, cfg.ema_momentum)
+    if cfg.gate_optimizer == "shared" and not cfg.ema:
         return weights
-    gate = _make(cfg.gate_optimizer, _schedule(cfg, cfg.gate_learning_rate, steps_per_epoch),
-                 cfg.momentum)
+    if cfg.gate_optimizer == "shared":
+        gate = _make(cfg.optimizer, _schedule(cfg, cfg.learning_rate, steps_per_epoch),
+                     cfg.momentum)
+    else:
+        gate = _make(cfg.gate_optimizer, _schedule(cfg, cfg.gate_learning_rate, steps_per_epoch),
+                     cfg.momentum)
     return keras.optimizers.MultiOptimizer(
         keras.optimizers.OptimizerMap(weights, {GATE_VARIABLES: gate}))
 
 
-def _compile(model, cfg: TrainConfig, steps: int) -> None:
-    model.compile(
-        optimizer=build_optimizer(cfg, steps),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="cross_entropy"),
-                 keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
+def _compile(model, cfg: TrainConfig, steps: int, soft: bool = False) -> None:
+    """``soft``: the labels are one-hot rows (label smoothing, mixup / cutmix)."""
+    model.compile(optimizer=build_optimizer(cfg, steps),
+                  loss=losses.make_loss(soft, cfg.label_smoothing),
+                  metrics=losses.make_metrics(soft))
     model.optimizer.build(model.trainable_variables)
 
 
@@ -159,8 +186,9 @@ def train(model: keras.Model, model_dir: str, data_dir: str, input_cfg: pipeline
     chief, task_id = dist_lib.worker_role(distribution)
     write_dir = model_dir if chief else os.path.join(model_dir, "_worker_scratch", str(task_id))
     keras.utils.set_random_seed(cfg.seed)
+    soft = cfg.label_smoothing > 0 or input_cfg.mixes
     with distribution.scope():
-        _compile(model, cfg, steps)
+        _compile(model, cfg, steps, soft)
         ckpt = cb.AtomicCheckpoint(os.path.join(write_dir, "checkpoints"), cfg.keep_checkpoints,
                                    restore_from=os.path.join(model_dir, "checkpoints"))
         start_epoch = ckpt.attach(model).restore()
@@ -171,13 +199,16 @@ def train(model: keras.Model, model_dir: str, data_dir: str, input_cfg: pipeline
     local = not data_service and distribution.num_replicas_in_sync == 1
     stats = pipeline.InputStats() if local else None
     train_ds = pipeline.train_dataset(data_dir, train_split, input_cfg, data_service=data_service,
-                                      stats=stats)
+                                      stats=stats, one_hot=soft)
     # The gate trace splits gradients on batches of its own (plain forward passes:
     # single-replica local runs only).
-    trace_ds = pipeline.train_dataset(data_dir, train_split, input_cfg) if local else None
+    trace_ds = pipeline.train_dataset(data_dir, train_split, input_cfg,
+                                      one_hot=soft) if local else None
     callbacks = _callbacks(model, cfg, write_dir, ckpt, stats, trace_ds, log)
     history = _fit(model, distribution, train_ds, cfg, start_epoch, steps, input_cfg.batch_size,
                    callbacks, verbose)
+    if cfg.ema:  # also after a resumed, already finished run (fit did it otherwise; idempotent)
+        model.optimizer.finalize_variable_values(model.trainable_variables)
     gates_lib.set_enabled(gates_lib.gate_layers(model), cfg.epochs > cfg.warmup_epochs)
     summary = _summary(model, cfg, distribution, chief, steps, n_train, history)
     if not chief:

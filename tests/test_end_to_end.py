@@ -63,7 +63,8 @@ def test_mode_all_then_resume(tmp_path):
     classes = json.loads((run / "evaluation/val.json").read_text())
     assert sum(map(sum, classes["confusion_matrix"])) == classes["num_videos"] == 8
     assert "confusion_matrix/val" in _tags(str(run / "tensorboard" / "eval"))
-    assert {"accuracy_vs_macs", "opt_confusion_matrix"} <= _tags(str(run / "tensorboard" / "analysis"))
+    assert {"accuracy_vs_macs", "opt_confusion_matrix"} <= \
+        _tags(str(run / "tensorboard" / "analysis"))
     # --mode=summary prints every sampled strategy's cost from the run's ranking.
     out = _main(tmp_path, "--mode=summary")
     sampled = json.loads(out)["sampled_strategies"]["strategies"]

@@ -133,7 +133,8 @@ def markdown(section: dict, selection_split: str, report_split: str) -> list[str
               f"{_g(free['macs'])} GMACs, {_pct(free['video_top1'])}.", ""]
     L += [f"At the cost of each uniform network, the best sampled strategy (video top-1 on "
           f"`{selection_split}` / `{report_split}`):", "",
-          "| uniform | GMACs | params | top-1 | best sample at that cost | GMACs | params | top-1 |",
+          "| uniform | GMACs | params | top-1 | best sample at that cost | GMACs | params "
+          "| top-1 |",
           "|---|---|---|---|---|---|---|---|"]
     for row in section["at_uniform_budgets"]:
         b = row["best"]

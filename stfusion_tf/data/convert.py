@@ -7,6 +7,15 @@ them, and writes shards through the same crash-safe writer as the synthetic
 data.  Unreadable, truncated or empty videos, missing files and unknown labels
 are skipped, counted and listed with their reason in ``manifest.json``.
 
+Frozen videos: a video of two or more frames whose decoded frames are all
+identical (pixel for pixel after resizing) is a known silent failure of some
+decoders and of broken files (one frame repeated); real footage, even of a
+still scene, has sensor and compression noise.  Such videos are counted and
+listed in the manifest (``frozen``, ``num_frozen``) and skipped, with the reason
+in ``skipped``: a motion class learnt from a still clip is label noise.
+``keep_frozen=True`` keeps them (still listed under ``frozen``).  A one-frame
+video cannot be judged and is kept.
+
 Layouts
 -------
 ``kinetics400``  ``<root>/<annotations>.csv`` (``label,youtube_id,time_start,time_end,split``)
@@ -212,23 +221,47 @@ def carve_holdout(listing: Listing, fraction: float, name: str = "holdout",
 
 # -- decoding (runs in worker processes: PyAV, PIL, NumPy only) ---------------------------
 
-def _resize_jpeg(img, short_side: int, quality: int) -> bytes:
+def _resize_jpeg(img, short_side: int, quality: int) -> tuple[bytes, bytes]:
+    """(JPEG of the frame resized to ``short_side``, its raw RGB pixels)."""
     from PIL import Image
     w, h = img.size
     if short_side and min(w, h) != short_side:
         s = short_side / min(w, h)
         img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+    img = img.convert("RGB")
     buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), img.tobytes()
+
+
+class _FrozenCheck:
+    """Tells whether every frame added equals the first (pixel for pixel)."""
+
+    def __init__(self):
+        self.first, self.count, self.changed = None, 0, False
+
+    def add(self, encoded: tuple[bytes, bytes]) -> bytes:
+        jpeg, pixels = encoded
+        if self.first is None:
+            self.first = pixels
+        elif not self.changed and pixels != self.first:
+            self.changed = True
+        self.count += 1
+        return jpeg
+
+    @property
+    def frozen(self) -> bool:
+        return self.count > 1 and not self.changed
 
 
 def decode_item(item: VideoItem, short_side: int, quality: int = 90, max_frames: int = 0) -> dict:
     """Decodes one video (or frame folder) into resized JPEG frames.
 
-    Returns ``{"frames": [...], "fps": float, "size": (h, w)}`` or ``{"error": reason}``;
-    never raises for bad input, so one broken file cannot stop a conversion.
+    Returns ``{"frames": [...], "fps": float, "size": (h, w), "frozen": bool}`` (frozen:
+    two or more frames, all identical) or ``{"error": reason}``; never raises for bad
+    input, so one broken file cannot stop a conversion.
     """
+    check = _FrozenCheck()
     try:
         if os.path.isdir(item.source):
             from PIL import Image
@@ -239,7 +272,7 @@ def decode_item(item: VideoItem, short_side: int, quality: int = 90, max_frames:
             for n in names:
                 with Image.open(os.path.join(item.source, n)) as img:
                     size = (img.size[1], img.size[0])
-                    frames.append(_resize_jpeg(img, short_side, quality))
+                    frames.append(check.add(_resize_jpeg(img, short_side, quality)))
             fps = 12.0  # Something-Something V1 frames were extracted at 12 fps
         else:
             import av
@@ -255,7 +288,7 @@ def decode_item(item: VideoItem, short_side: int, quality: int = 90, max_frames:
                     for frame in container.decode(stream):
                         img = frame.to_image()
                         size = (img.size[1], img.size[0])
-                        frames.append(_resize_jpeg(img, short_side, quality))
+                        frames.append(check.add(_resize_jpeg(img, short_side, quality)))
                         if max_frames and len(frames) >= max_frames:
                             break
                 except av.error.FFmpegError as e:  # truncated: keep what decoded if anything
@@ -263,7 +296,7 @@ def decode_item(item: VideoItem, short_side: int, quality: int = 90, max_frames:
                         return {"error": f"undecodable video: {e}"}
         if not frames:
             return {"error": "no decodable frames"}
-        return {"frames": frames, "fps": fps, "size": size}
+        return {"frames": frames, "fps": fps, "size": size, "frozen": check.frozen}
     except Exception as e:  # noqa: BLE001 - any failure is reported per input
         return {"error": f"{type(e).__name__}: {e}"}
 
@@ -276,12 +309,14 @@ def _shard_sidecar(path: str) -> str:
 
 def convert(listing: Listing, out_dir: str, name: str, short_side: int = 256,
             clips_per_shard: int = 256, workers: int | None = None, quality: int = 90,
-            max_frames: int = 0, log: Callable = print, progress_stream=sys.stderr) -> dict:
+            max_frames: int = 0, log: Callable = print, progress_stream=sys.stderr,
+            keep_frozen: bool = False) -> dict:
     """Decodes and writes every listed video; returns the manifest.
 
     A shard is complete when its ``.tfrecord`` and its ``.tfrecord.json`` sidecar
-    (labels, frame counts, skipped inputs) both exist; re-running skips complete
-    shards.  The manifest is written last.
+    (labels, frame counts, skipped and frozen inputs) both exist; re-running skips
+    complete shards.  The manifest is written last.  Frozen videos (module
+    docstring) are skipped unless ``keep_frozen``.
     """
     os.makedirs(out_dir, exist_ok=True)
     workers = workers or min(2, os.cpu_count() or 1)
@@ -309,21 +344,25 @@ def convert(listing: Listing, out_dir: str, name: str, short_side: int = 256,
                         prog.update(True)
                 else:
                     side = _write_shard(pool, chunk, path, listing.label_map, short_side, quality,
-                                        max_frames, prog)
+                                        max_frames, prog, keep_frozen)
                 labels.extend(side["labels"])
                 shard_clips.append(len(side["labels"]))
                 nframes.extend(side["num_frames"])
                 builder.skipped.extend(side["skipped"])
+                builder.frozen.extend(side.get("frozen", []))
             builder.add_split(split, shards, labels, nframes, shard_clips)
     manifest = builder.write(out_dir)
     total = sum(len(v) for v in by_split.values()) + len(listing.skipped)
     log(f"[prepare] {out_dir}: {sum(s['num_clips'] for s in manifest['splits'].values())} clips "
-        f"written, {manifest['num_skipped']} of {total} inputs skipped (reasons in manifest.json)")
+        f"written, {manifest['num_skipped']} of {total} inputs skipped (reasons in manifest.json); "
+        f"{manifest['num_frozen']} frozen (all decoded frames identical), "
+        f"{'kept' if keep_frozen else 'skipped'}")
     return manifest
 
 
-def _write_shard(pool, chunk, path, label_map, short_side, quality, max_frames, prog) -> dict:
-    side = {"labels": [], "num_frames": [], "skipped": []}
+def _write_shard(pool, chunk, path, label_map, short_side, quality, max_frames, prog,
+                 keep_frozen=False) -> dict:
+    side = {"labels": [], "num_frames": [], "skipped": [], "frozen": []}
     futures = [pool.submit(decode_item, it, short_side, quality, max_frames) for it in chunk]
 
     def gen():
@@ -333,6 +372,14 @@ def _write_shard(pool, chunk, path, label_map, short_side, quality, max_frames, 
                 side["skipped"].append({"source": it.source, "reason": res["error"], "split": it.split})
                 prog.update(False)
                 continue
+            if res.get("frozen"):
+                n = len(res["frames"])
+                side["frozen"].append({"source": it.source, "split": it.split, "num_frames": n})
+                if not keep_frozen:
+                    side["skipped"].append({"source": it.source, "split": it.split, "reason":
+                                            f"frozen: all {n} decoded frames are identical"})
+                    prog.update(False)
+                    continue
             side["labels"].append(it.label)
             side["num_frames"].append(len(res["frames"]))
             prog.update(True)

@@ -12,6 +12,11 @@ crop (only the crop window is resized), optional flip.  Clips leave the pipeline
 uint8 pixels: the network casts and normalises them.  Evaluation: ``num_clips`` evenly spaced clips per video,
 short side resized, centre (or 3) crops; every clip of a video carries the
 video's index so scores can be averaged per video.
+
+Optional training augmentation (``data/augment.py``, off by default as in the
+paper): RandAugment drawn once per clip (``randaugment="N,M"``), and mixup /
+cutmix (``mixup_alpha`` / ``cutmix_alpha``) with one mixing per clip, after
+which clips leave as float32 and labels as soft one-hot rows.
 """
 
 from __future__ import annotations
@@ -21,10 +26,8 @@ import dataclasses
 import tensorflow as tf
 from official.vision.ops import preprocess_ops_3d as ops3d
 
-from stfusion_tf.data import records
+from stfusion_tf.data import augment, records
 from stfusion_tf.errors import UserError
-
-
 
 SAMPLINGS = ("dense", "segments")
 NUM_CROPS = (1, 3)
@@ -48,8 +51,17 @@ class InputConfig:
     batch_size: int = 8
     shuffle_buffer: int = 256
     seed: int | None = None
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    randaugment: str = ""  # "N,M": N ops per clip at magnitude M
 
     def __post_init__(self):
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise UserError("mixup_alpha and cutmix_alpha must be >= 0 (0: off)")
+        try:
+            augment.parse_randaugment(self.randaugment)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         if self.sampling not in SAMPLINGS:
             raise UserError(f"sampling={self.sampling!r}; valid values: {', '.join(SAMPLINGS)}")
         if self.num_crops not in NUM_CROPS:
@@ -61,6 +73,11 @@ class InputConfig:
             raise UserError("min_short_side and eval_short_side must be >= crop_size")
         if self.temporal_pool and self.num_frames < 3:
             raise UserError("temporal_pool needs num_frames >= 3")
+
+    @property
+    def mixes(self) -> bool:
+        """Whether training batches are mixed (mixup or cutmix): labels become soft."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
     @property
     def model_frames(self) -> int:
@@ -194,6 +211,9 @@ def preprocess_train(encoded, cfg: InputConfig):
     frames = _decode_random_crop(sample_frames(encoded, cfg, training=True), cfg)
     if cfg.flip:
         frames = ops3d.random_flip_left_right(frames, seed=cfg.seed)
+    ra = augment.parse_randaugment(cfg.randaugment)
+    if ra:
+        frames = augment.randaugment_clip(_to_pixels(frames), *ra)
     if cfg.temporal_pool:
         frames = temporal_pool(frames)
     frames = _to_pixels(frames)
@@ -266,11 +286,13 @@ def _records(files, training: bool, seed, repeat: bool = False,
 
 
 def train_dataset(data_dir: str, split: str, cfg: InputConfig, repeat: bool = True,
-                  data_service: str | None = None,
-                  stats: InputStats | None = None) -> tf.data.Dataset:
+                  data_service: str | None = None, stats: InputStats | None = None,
+                  one_hot: bool = False) -> tf.data.Dataset:
     """(clips [B,T,H,W,3] uint8, labels [B] int32), shuffled and repeated.
 
-    With ``data_service`` (grpc://host:port) the pipeline runs on tf.data service
+    With ``one_hot`` or mixing (``cfg.mixes``) labels are [B, classes] float32
+    rows that sum to 1 (mixing also makes the clips float32).  With
+    ``data_service`` (grpc://host:port) the pipeline runs on tf.data service
     workers; ``stats`` (local pipelines only) counts clips dropped as corrupt.
     """
     manifest = records.read_manifest(data_dir)  # also registers tensorflow-io for URLs
@@ -295,6 +317,12 @@ def train_dataset(data_dir: str, split: str, cfg: InputConfig, repeat: bool = Tr
     ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     ds = ds.ignore_errors(log_warning=True)
     ds = ds.batch(cfg.batch_size, drop_remainder=True)
+    classes = int(manifest["num_classes"])
+    if cfg.mixes:
+        ds = ds.map(augment.ClipMixer(classes, cfg.mixup_alpha, cfg.cutmix_alpha),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    elif one_hot:
+        ds = ds.map(lambda x, y: (x, tf.one_hot(y, classes)))
     if data_service:
         from stfusion_tf.data import service
         ds = service.distribute(ds, data_service)
