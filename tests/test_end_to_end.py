@@ -102,3 +102,14 @@ def test_mode_all_then_resume(tmp_path):
     md = (run / "analysis/generalization.md").read_text()
     assert "| resnet_tiny |" in md and "| Opt | S | ST |" in md
     assert "generalization" in _tags(str(run / "tensorboard" / "generalize"))
+
+    # TFLite: the template's S+ST classifier, and a trained backbone through --export_model.
+    out = _main(tmp_path, "--mode=export", "--strategy=S+ST", "--tflite")
+    assert "classifier_S_plus_ST.tflite" in out
+    for name in ("classifier_S_plus_ST.tflite", "classifier_S_plus_ST.json"):
+        assert (run / "export" / "tflite" / name).exists(), name
+    backbone = run / "generalize" / "resnet_tiny" / "S" / "model.keras"
+    out = _main(tmp_path, "--mode=export", f"--export_model={backbone}", "--tflite")
+    assert (run / "export/classifier_resnet_tiny_S/1/saved_model.pb").exists()
+    meta = json.loads((run / "export/tflite/classifier_resnet_tiny_S.json").read_text())
+    assert meta["max_abs_diff_vs_keras"] <= 1e-4
