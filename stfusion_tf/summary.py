@@ -12,7 +12,7 @@ import os
 import numpy as np
 
 from stfusion_tf import files
-from stfusion_tf.analysis import cost
+from stfusion_tf.analysis import cost, ranking
 from stfusion_tf.model import backbones
 from stfusion_tf.model import template as tpl
 from stfusion_tf.model.strategy import FusionStrategy
@@ -58,7 +58,7 @@ def sampled_strategies(analysis_dir: str) -> list[dict] | None:
     rows = [r for r in rows if "duplicate_of" not in r]
     if not rows:
         return None
-    rows.sort(key=lambda r: (-r["video_top1"], -r["clip_top1"], r["index"]))
+    rows.sort(key=ranking.order)
     return [{"index": r["index"], "code": r["code"], "video_top1": r["video_top1"],
              "gmacs": _gmacs(r["macs"]) if "macs" in r else None, "params": r.get("params")}
             for r in rows]

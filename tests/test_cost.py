@@ -91,6 +91,7 @@ def test_budget_pareto_and_best_within():
     assert cost.best_within(rows, 25)["key"] == "b"
     assert cost.best_within(rows, 9)["key"] == "e"
     assert cost.best_within(rows, 4) is None
+    assert cost.best_within(rows, 35)["key"] == "b"  # as accurate as d, and cheaper
     assert cost.fits(rows[1], max_gmacs=20e-9, max_params=None)
     assert not cost.fits(rows[1], max_gmacs=19e-9, max_params=None)
     assert not cost.fits(rows[1], max_gmacs=None, max_params=8)

@@ -159,12 +159,14 @@ def pareto_front(points) -> list[int]:
     return sorted(front, key=lambda i: (pts[i][0], -pts[i][1]))
 
 
-def best_within(rows: list[dict], max_macs: float, key: str = "video_top1") -> dict | None:
-    """The most accurate row whose MACs are at most ``max_macs`` (ties: fewer MACs)."""
+def best_within(rows: list[dict], max_macs: float) -> dict | None:
+    """The best row (the ranking's order: video top-1, clip top-1, fewer MACs, index) whose
+    MACs are at most ``max_macs``."""
     within = [r for r in rows if r["macs"] <= max_macs]
     if not within:
         return None
-    return max(within, key=lambda r: (r[key], r.get("clip_top1", 0.0), -r["macs"]))
+    return min(within, key=lambda r: (-r["video_top1"], -r.get("clip_top1", 0.0), r["macs"],
+                                      r.get("index", 0)))
 
 
 def plot(rows: list[dict], uniform: dict, budget_gmacs: float | None = None,

@@ -136,7 +136,7 @@ def rank(scorer: StrategyScorer, positions, drop_rates, num: int, seed: int,
     Duplicate samples are recognised and not scored twice.  ``cost_fn(strategy)``
     (e.g. ``cost.TemplateCosts.row``) adds ``macs`` and ``params`` to every row,
     also to rows a previous version wrote without them.  Returns all rows sorted
-    best first (video top-1, then clip top-1).
+    best first (``order``).
     """
     fp = _fingerprint(drop_rates, seed, num)
     rows, torn = files.read_jsonl(jsonl_path)  # a torn line's strategy is scored again
@@ -168,4 +168,9 @@ def rank(scorer: StrategyScorer, positions, drop_rates, num: int, seed: int,
             if (i + 1) % 10 == 0 or i + 1 == num:
                 log(f"ranked {i + 1}/{num}")
     rows = [done[i] for i in range(num)]
-    return sorted(rows, key=lambda r: (-r["video_top1"], -r["clip_top1"], r["index"]))
+    return sorted(rows, key=order)
+
+
+def order(row: dict) -> tuple:
+    """Best first: video top-1, then clip top-1, then (ties) fewer MACs, then sample index."""
+    return (-row["video_top1"], -row["clip_top1"], row.get("macs", 0), row["index"])
