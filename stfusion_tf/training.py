@@ -114,8 +114,8 @@ def build_optimizer(cfg: TrainConfig, steps_per_epoch: int) -> keras.optimizers.
     logits get their own (Keras' ``MultiOptimizer``), on the same step schedule.
 
     With ``ema`` only the weights' optimizer averages.  An average of the drop
-    logits would be a drop rate the run never trained with (it lags the logits,
-    and during warm-up it averages logits that had no gradient), yet the
+    logits would be a drop rate the run never trained with (it lags the logits
+    and carries the value they keep through warm-up, without gradient), yet the
     marginals, the sampling and the export read it; so the logits keep their
     trained values.  Under ``shared`` the logits then get an optimizer of their
     own with the weights' algorithm and hyperparameters and no average: SGD and
