@@ -17,6 +17,9 @@ FAST = [
     "training",
     "protocols",
     "recipe",
+    "cost",
+    "evaluation",
+    "augment",
 ]
 
 SLOW = [
@@ -27,6 +30,9 @@ SLOW = [
     "end_to_end",
     "distributed",
     "faults",
+    "tensorboard",
+    "losses",
+    "tflite",
 ]
 
 def pytest_test(name, src, support, deps, size = "medium"):

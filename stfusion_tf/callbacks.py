@@ -310,7 +310,7 @@ class GateTrace(keras.callbacks.Callback):
     point) and to TensorBoard (``gates/p_S/<position>``, ``gates/p_T/<position>``).
     At the end of every variational epoch, with ``batches`` (a dataset of
     training batches), the gradient of the gate logits is split into its two
-    sources on ``grad_batches`` batches: the data term (mean cross-entropy) and
+    sources on ``grad_batches`` batches: the data term (the compiled loss) and
     the regulariser; the per-gate means go to the same JSONL and their mean
     magnitudes to TensorBoard (``gates/grad_data``, ``gates/grad_regularizer``).
     BatchNorm statistics are restored after those extra forward passes, so the
@@ -391,7 +391,7 @@ class GateTrace(keras.callbacks.Callback):
         state = [v.numpy() for v in self.model.non_trainable_variables]
         if self._iterator is None:
             self._iterator = iter(self.batches)
-        ce_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        ce_fn = self.model.loss  # the training loss (label smoothing, soft labels)
         data = np.zeros(len(logits))
         for _ in range(self.grad_batches):
             x, y = next(self._iterator)

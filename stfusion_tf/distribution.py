@@ -10,6 +10,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
+from stfusion_tf import losses
 from stfusion_tf.errors import UserError
 
 DISTRIBUTIONS = ("default", "mirrored", "multi_worker", "tpu")
@@ -62,10 +63,12 @@ def fit_multi_worker(model, distribution, dataset, epochs: int, initial_epoch: i
     """``model.fit`` for MultiWorkerMirroredStrategy, which Keras 3's fit does not
     support (keras-team/keras#20585: "Attempt to convert a value (PerReplica...)").
 
-    Same loss (mean cross-entropy over the global batch + the gates' regulariser,
-    once), same callbacks, same logs; gradients are all-reduced by the distribution.
-    A worker that dies stops the others with ``WorkerLostError``: re-launching the job
-    resumes every worker from the last complete checkpoint.
+    Same loss (the compiled loss, ``losses.make_loss``, averaged over the global
+    batch, + the gates' regulariser, once), same callbacks, same logs; gradients
+    are all-reduced by the distribution.  Like ``fit`` it ends with the
+    optimizer's ``finalize_variable_values`` (EMA weights, when on).  A worker that
+    dies stops the others with ``WorkerLostError``: re-launching the job resumes
+    every worker from the last complete checkpoint.
     """
     try:
         return _fit_loop(model, distribution, dataset, epochs, initial_epoch, steps,
@@ -98,6 +101,8 @@ def _fit_loop(model, distribution, dataset, epochs, initial_epoch, steps, global
             logs = {m.name: float(m.result()) for m in metrics}
             cbs.on_train_batch_end(batch, logs)
         cbs.on_epoch_end(epoch, logs)
+    if epochs > initial_epoch:
+        model.optimizer.finalize_variable_values(model.trainable_variables)
     cbs.on_train_end(logs)
     return model.history.history
 
@@ -105,10 +110,9 @@ def _fit_loop(model, distribution, dataset, epochs, initial_epoch, steps, global
 def _multi_worker_step(model, distribution, global_batch: int):
     """The metrics and the traced step of ``fit_multi_worker``."""
     replicas = distribution.num_replicas_in_sync
-    ce_loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="none")
+    ce_loss = losses.per_example(model.loss)
     m_loss = keras.metrics.Mean(name="loss")
-    m_ce = keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="cross_entropy")
-    m_acc = keras.metrics.SparseCategoricalAccuracy(name="accuracy")
+    m_ce, m_acc = losses.make_metrics(losses.is_soft(model.loss))
 
     def replica_step(x, y):
         with tf.GradientTape() as tape:

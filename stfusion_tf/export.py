@@ -21,11 +21,22 @@ Both are plain ``tf.Module`` SavedModels in TF-Serving layout
       shorter) happen inside, and the network normalises (ImageNet mean/std).
   ``preprocessed(clips float32 [B,T',S,S,3])`` -> probabilities, top-k: clips
       already sampled, resized and cropped, as float pixel values in [0, 255].
+
+TFLite (``export_tflite``, gate-free networks only): ``<export_dir>/tflite/
+classifier_<name>.tflite`` computes ``preprocessed``'s probabilities for one
+float32 clip [1,T',S,S,3]; beside it the class names (``.labels.txt``) and what
+the conversion found (``.json``: input shape, TF Select ops, the largest
+difference from the Keras network on a test clip, which must stay under
+``TFLITE_TOLERANCE`` or nothing is written).  The DenseNet-3D needs TF Select
+(the Flex delegate) for ``AvgPool3D`` and ``MaxPool3D``, which TFLite has no
+builtin kernels for; MobileNetV2-3D converts to builtin ops only.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import tempfile
 
 import keras
 import numpy as np
@@ -158,18 +169,24 @@ def classifier_network(model, strategy: FusionStrategy):
 def export_classifier(model, strategy: FusionStrategy, name: str, label_map, export_dir: str,
                       eval_short_side: int, crop_size: int | None = None, version: int = 1,
                       log=None) -> str:
-    """Writes the classifier of ``strategy`` (``classifier_network``) through Keras'
-    ``ExportArchive``.
-
-    (A plain ``tf.Module`` holding a Keras 3 model loads with TF2's
-    ``tf.saved_model.load`` but not with the TF1 loader that ``saved_model_cli
-    run`` and TF Serving use: "Could not find variable ...".)
-    """
+    """Writes the classifier of ``strategy`` (``classifier_network``); see ``export_network``."""
     network = classifier_network(model, strategy)
     if log:
         kind = "template with masks" if network is model else "gate-free DenseNet-3D"
         log(f"classifier_{name}: {kind}, {network.count_params():,} parameters "
             f"(template {model.count_params():,})")
+    return export_network(network, name, label_map, export_dir, eval_short_side, version,
+                          crop_size)
+
+
+def export_network(network, name: str, label_map, export_dir: str, eval_short_side: int,
+                   version: int = 1, crop_size: int | None = None) -> str:
+    """Writes ``<export_dir>/classifier_<name>/<version>`` through Keras' ``ExportArchive``.
+
+    (A plain ``tf.Module`` holding a Keras 3 model loads with TF2's
+    ``tf.saved_model.load`` but not with the TF1 loader that ``saved_model_cli
+    run`` and TF Serving use: "Could not find variable ...".)
+    """
     mod = Classifier(network, label_map, eval_short_side, crop_size)
     archive = keras.export.ExportArchive()
     archive.track(network)
@@ -195,3 +212,94 @@ def resolve_strategy(spec: str, model_dir: str, positions) -> tuple[str, FusionS
         return os.path.splitext(os.path.basename(spec))[0], FusionStrategy.load(spec)
     raise UserError(f"--strategy={spec!r}: valid values are opt, S, ST, S+ST or the path of a "
                     "FusionStrategy JSON file")
+
+
+def load_network(path: str):
+    """A trained gate-free network saved as ``.keras`` (e.g. a ``--mode=generalize`` backbone)."""
+    if not os.path.exists(path):
+        raise UserError(f"no model at {path}")
+    network = keras.models.load_model(path)
+    if gates_lib.gate_layers(network):
+        raise UserError(f"{path} is a gated template; export one of its strategies with "
+                        "--strategy instead")
+    return network
+
+
+#: Largest |TFLite - Keras| probability allowed on the conversion's test clip (float32).
+TFLITE_TOLERANCE = 1e-4
+
+
+def _tflite_bytes(network, shape) -> bytes:
+    """Converts the network's probabilities for one clip, via a SavedModel (the converter
+    cannot freeze a Keras 3 model's variables from a concrete function)."""
+    archive = keras.export.ExportArchive()
+    archive.track(network)
+    archive.add_endpoint(
+        "serve", lambda clips: {"probabilities": tf.nn.softmax(network(clips, training=False), -1)},
+        input_signature=[tf.TensorSpec(shape, tf.float32, name="clips")])
+    with tempfile.TemporaryDirectory() as d:
+        archive.write_out(os.path.join(d, "sm"), verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(os.path.join(d, "sm"),
+                                                             signature_keys=["serve"])
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS,
+                                               tf.lite.OpsSet.SELECT_TF_OPS]
+        return converter.convert()
+
+
+def tflite_ops(flatbuffer: bytes) -> tuple[list[str], list[str]]:
+    """(builtin op names, TF Select op names) a TFLite model uses."""
+    from tensorflow.lite.python import schema_py_generated as schema
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    builtin, select = set(), set()
+    for code in model.operatorCodes:
+        op = max(code.builtinCode, code.deprecatedBuiltinCode)
+        if op == schema.BuiltinOperator.CUSTOM:
+            custom = code.customCode.decode()
+            (select if custom.startswith("Flex") else builtin).add(custom.removeprefix("Flex"))
+        else:
+            builtin.add(names[op])
+    return sorted(builtin), sorted(select)
+
+
+def run_tflite(flatbuffer: bytes, clips: np.ndarray) -> np.ndarray:
+    """Probabilities [N, classes] of clips [N,T,S,S,3] from the TFLite interpreter, one by one."""
+    interpreter = tf.lite.Interpreter(model_content=flatbuffer)
+    interpreter.allocate_tensors()
+    out = []
+    for clip in np.asarray(clips, np.float32):
+        interpreter.set_tensor(interpreter.get_input_details()[0]["index"], clip[None])
+        interpreter.invoke()
+        out.append(interpreter.get_tensor(interpreter.get_output_details()[0]["index"])[0])
+    return np.stack(out)
+
+
+def export_tflite(network, name: str, label_map, export_dir: str, log=None) -> str:
+    """Writes ``<export_dir>/tflite/classifier_<name>.tflite`` (see the module docstring)."""
+    if gates_lib.gate_layers(network):
+        raise UserError(f"classifier_{name} is the template with masks (its strategy has a 'none' "
+                        "unit), which TFLite cannot take; export a strategy without 'none' "
+                        "(--strategy=S+ST, or a FusionStrategy JSON)")
+    t, s, _, _ = input_geometry(network)
+    flat = _tflite_bytes(network, [1, t, s, s, 3])
+    clip = np.random.default_rng(0).uniform(0, 255, (1, t, s, s, 3)).astype(np.float32)
+    want = tf.nn.softmax(network(clip, training=False), -1).numpy()
+    diff = float(np.abs(run_tflite(flat, clip) - want).max())
+    if not diff <= TFLITE_TOLERANCE:
+        raise RuntimeError(f"the TFLite model of classifier_{name} differs from the network by "
+                           f"{diff:.3g} (> {TFLITE_TOLERANCE}); nothing written")
+    builtin, select = tflite_ops(flat)
+    out = os.path.join(export_dir, "tflite")
+    path = os.path.join(out, f"classifier_{name}.tflite")
+    files.write_text(os.path.join(out, f"classifier_{name}.labels.txt"),
+                     "".join(f"{label}\n" for label in label_map))
+    files.write_text(os.path.join(out, f"classifier_{name}.json"), json.dumps({
+        "input": {"name": "clips", "shape": [1, t, s, s, 3], "dtype": "float32",
+                  "values": "pixels in [0, 255], frames sampled, resized and centre-cropped"},
+        "output": "probabilities [1, classes]", "builtin_ops": builtin, "tf_select_ops": select,
+        "max_abs_diff_vs_keras": diff}, indent=1))
+    files.write_text(path, flat)  # last: the .tflite appears only with its sidecars
+    if log:
+        log(f"classifier_{name}.tflite: {len(flat) / 1e6:.2f} MB, max |TFLite - Keras| {diff:.2g}; "
+            f"TF Select ops: {', '.join(select) or 'none'}")
+    return path

@@ -66,6 +66,9 @@ flags.DEFINE_float("holdout_fraction", 0.0, "Fraction of the training videos mov
                    "'holdout' split (strategy selection) when a dataset has no spare split.")
 flags.DEFINE_integer("max_frames", 0, "Keep at most this many frames per video (0: all).",
                      lower_bound=0)
+flags.DEFINE_bool("keep_frozen_videos", False, "Keep videos whose decoded frames are all "
+                  "identical (a decoder failure mode; skipped by default, always listed in "
+                  "manifest.json under 'frozen').")
 flags.DEFINE_integer("synthetic_classes", 4, "Classes of a synthetic dataset.", lower_bound=2)
 flags.DEFINE_integer("synthetic_train", 256, "Training clips of a synthetic dataset.", lower_bound=1)
 flags.DEFINE_integer("synthetic_val", 64, "Selection (val) clips of a synthetic dataset.",
@@ -93,6 +96,14 @@ flags.DEFINE_integer("eval_short_side", 40, "Evaluation short side before the ce
 flags.DEFINE_bool("flip", False, "Random horizontal flip (off for direction-sensitive data).")
 flags.DEFINE_bool("temporal_pool", False, "Temporal average pooling (window 3, stride 2) of the "
                   "input clip: the supplement's low temporal resolution experiment.")
+flags.DEFINE_float("mixup_alpha", 0.0, "Mixup: clips mixed pairwise with lambda ~ Beta(a, a), "
+                   "one lambda per clip, labels mixed alike (0: off, the paper).")
+flags.DEFINE_float("cutmix_alpha", 0.0, "Cutmix: one box per clip, the same in every frame, "
+                   "pasted from the partner clip; labels weighted by area (0: off). With "
+                   "--mixup_alpha too, each batch uses one of the two.")
+flags.DEFINE_string("randaugment", "", "RandAugment N,M (e.g. 2,9): N ops of magnitude M drawn "
+                    "once per training clip and applied identically to all its frames (Model "
+                    "Garden's ops without Cutout; empty: off).")
 flags.DEFINE_integer("batch_size", 8, "Global batch size.", lower_bound=1)
 flags.DEFINE_enum("eval_protocol", "custom", EVAL_PROTOCOLS, "Views per video behind every "
                   "reported accuracy: authors (1 clip x 1 centre crop of --eval_short_side^2, the "
@@ -171,6 +182,13 @@ flags.DEFINE_enum("gate_optimizer", "shared", GATE_OPTIMIZERS, "Optimizer of the
                   "logits: shared with the weights (the authors'), or an Adam / SGD of their own "
                   "with --gate_learning_rate (same step schedule).")
 flags.DEFINE_float("gate_learning_rate", None, "Learning rate of the gates' own optimizer.")
+flags.DEFINE_float("label_smoothing", 0.0, "Label smoothing e of the loss: targets "
+                   "(1 - e) y + e / classes (0: off, the paper).")
+flags.DEFINE_bool("ema", False, "Exponential moving average of the weights (Keras optimizer "
+                  "use_ema); training ends with the averaged weights, which evaluation, the saved "
+                  "model and the analysis use. The gates' drop logits are not averaged.")
+flags.DEFINE_float("ema_momentum", 0.999, "EMA momentum: the average spans about "
+                   "1 / (1 - momentum) steps.")
 flags.DEFINE_integer("steps_per_epoch", None, "Steps per epoch (default: clips // batch).")
 flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Training seed.")
@@ -185,6 +203,11 @@ flags.DEFINE_string("report_split", "test", "Split on which Opt and uniform stra
 flags.DEFINE_integer("recalibrate_batches", 0, "Also rank with BatchNorm statistics re-estimated "
                      "per sampled sub-network on this many training batches (0: off, as the "
                      "authors); the report compares both rankings.", lower_bound=0)
+flags.DEFINE_float("max_gmacs", None, "Compute budget of Opt: the best sampled strategy whose "
+                   "network needs at most this many GMACs (multiply-accumulates, 1e9) per clip "
+                   "(default: no budget, the paper's Opt).")
+flags.DEFINE_float("max_params", None, "Parameter budget of Opt (a count, e.g. 2e7); with "
+                   "--max_gmacs both must hold.")
 flags.DEFINE_integer("fidelity_strategies", 5, "--mode=fidelity: strategies trained stand-alone.",
                      lower_bound=2)
 flags.DEFINE_list("runs", [], "--mode=aggregate: analysed model directories of one template "
@@ -213,13 +236,22 @@ flags.DEFINE_string("inflate_weights", None, "Local weights file of the keras.ap
 flags.DEFINE_string("strategy", "opt", "Classifier to export: 'opt' (the analysis' best sampled "
                     "strategy), 'S', 'ST', 'S+ST', or a FusionStrategy JSON path.")
 
+flags.DEFINE_bool("tflite", False, "--mode=export: also write the classifier as TFLite "
+                  "(<export_dir>/tflite/classifier_<name>.tflite, float32, one clip), checked "
+                  "against the Keras network; gate-free networks only.")
+flags.DEFINE_string("export_model", None, "--mode=export: export this trained gate-free .keras "
+                    "network (e.g. <model_dir>/generalize/mobilenetv2_tiny/S_plus_ST/model.keras) "
+                    "instead of the template's --strategy.")
+
 #: Config field -> flag, per config: the one place that ties flags to the library.
 INPUT_FLAGS = {"num_frames": "num_frames", "stride": "frame_stride", "crop_size": "crop_size",
                "min_short_side": "min_short_side", "max_short_side": "max_short_side",
                "eval_short_side": "eval_short_side", "flip": "flip", "num_clips": "num_clips",
                "num_crops": "num_crops", "temporal_pool": "temporal_pool",
                "sampling": "sampling", "batch_size": "batch_size",
-               "eval_protocol": "eval_protocol", "eval_crop_size": "eval_crop_size"}
+               "eval_protocol": "eval_protocol", "eval_crop_size": "eval_crop_size",
+               "mixup_alpha": "mixup_alpha", "cutmix_alpha": "cutmix_alpha",
+               "randaugment": "randaugment"}
 GATE_FLAGS = {"init_drop_rate": "init_drop_rate", "temperature": "temperature",
               "rescale": "rescale", "regularizer": "regularizer", "length_scale": "length_scale",
               "weight_term": "weight_term"}
@@ -230,14 +262,16 @@ TRAIN_FLAGS = {"epochs": "epochs", "warmup_epochs": "warmup_epochs",
                "gate_optimizer": "gate_optimizer", "gate_learning_rate": "gate_learning_rate",
                "weight_decay": "weight_decay", "restart_at_switch": "restart_at_switch",
                "warmup_learning_rate": "warmup_learning_rate",
-               "warmup_lr_steps": "warmup_lr_steps", "warmup_weight_decay": "warmup_weight_decay"}
+               "warmup_lr_steps": "warmup_lr_steps", "warmup_weight_decay": "warmup_weight_decay",
+               "label_smoothing": "label_smoothing", "ema": "ema", "ema_momentum": "ema_momentum"}
 ANALYSIS_FLAGS = {"num_samples": "num_samples", "seed": "sample_seed",
                   "selection_split": "selection_split", "report_split": "report_split",
                   "recalibrate_batches": "recalibrate_batches",
-                  "selection_protocol": "selection_protocol"}
+                  "selection_protocol": "selection_protocol", "max_gmacs": "max_gmacs",
+                  "max_params": "max_params"}
 #: Flags that do not define a run, so the run record neither keeps nor restores them.
 OPERATIONAL = ("mode", "model_dir", "export_dir", "verbose", "debug", "strategy", "runs",
-               "aggregate_dir", "repair",
+               "aggregate_dir", "repair", "tflite", "export_model",
                "data_service_port", "data_service_workers", "data_service_work_dir",
                "prepare_workers", "num_classes")
 
@@ -371,3 +405,9 @@ def apply_record(model_dir: str, log=print) -> dict | None:
 
 def _show(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def export_network_name(path: str) -> str:
+    """``.../generalize/<backbone>/<spec>/model.keras`` -> ``<backbone>_<spec>``."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    return re.sub(r"[^\w.-]+", "_", "_".join(parts[-3:-1]))

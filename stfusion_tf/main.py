@@ -63,7 +63,8 @@ def _prepare_real(data_dir):
     convert.prepare(FLAGS.dataset, FLAGS.source_dir, data_dir, short_side=FLAGS.short_side,
                     clips_per_shard=FLAGS.clips_per_shard, workers=FLAGS.prepare_workers,
                     max_frames=FLAGS.max_frames, ucf_split=int(FLAGS.ucf_split),
-                    annotations=FLAGS.annotations, holdout_fraction=FLAGS.holdout_fraction)
+                    annotations=FLAGS.annotations, holdout_fraction=FLAGS.holdout_fraction,
+                    keep_frozen=FLAGS.keep_frozen_videos)
 
 
 def run_verify(data_dir):
@@ -181,19 +182,30 @@ def run_fidelity(data_dir, model_dir):
 
 
 def run_export(data_dir, model_dir, export_dir):
+    """SavedModels of the probability space and the --strategy classifier (or of the
+    --export_model network alone); with --tflite the classifier in TFLite too."""
     from stfusion_tf import export
     from stfusion_tf.data import records
     from stfusion_tf.model.template import TemplateGates
-    model = _load_template(data_dir, model_dir)
-    name, strategy = export.resolve_strategy(FLAGS.strategy, model_dir,
-                                             TemplateGates(model).positions)
-    manifest = records.read_manifest(data_dir)
+    labels = records.read_manifest(data_dir)["label_map"]
     icfg = cli.input_config()
-    p1 = export.export_probability_space(model, export_dir)
-    p2 = export.export_classifier(model, strategy, name, manifest["label_map"], export_dir,
-                                  icfg.eval_short_side, icfg.eval_crop,
-                                  log=lambda m: print(f"[export] {m}"))
-    print(f"[export] {p1}\n[export] {p2}")
+    say = lambda m: print(f"[export] {m}")  # noqa: E731
+    if FLAGS.export_model:
+        name, network = cli.export_network_name(FLAGS.export_model), \
+            export.load_network(FLAGS.export_model)
+        paths = [export.export_network(network, name, labels, export_dir, icfg.eval_short_side,
+                                       crop_size=icfg.eval_crop)]
+    else:
+        model = _load_template(data_dir, model_dir)
+        name, strategy = export.resolve_strategy(FLAGS.strategy, model_dir,
+                                                 TemplateGates(model).positions)
+        network = export.classifier_network(model, strategy)
+        paths = [export.export_probability_space(model, export_dir),
+                 export.export_classifier(model, strategy, name, labels, export_dir,
+                                          icfg.eval_short_side, icfg.eval_crop, log=say)]
+    if FLAGS.tflite:
+        paths.append(export.export_tflite(network, name, labels, export_dir, log=say))
+    print("\n".join(f"[export] {p}" for p in paths))
 
 
 def _backbone_overrides():
@@ -235,10 +247,19 @@ def run_generalize(data_dir, model_dir):
 
 
 def run_summary():
-    from stfusion_tf.model import summary
-    out = summary.parameter_summary(cli.template_config(), FLAGS.num_classes, cli.gate_config(),
-                                    FLAGS.backbones, **_backbone_overrides())
-    print(json.dumps({"preset": FLAGS.preset, **out}, indent=1))
+    """Sizes and costs of the preset, its uniform strategies, --backbones and a run's samples."""
+    from stfusion_tf import summary
+    from stfusion_tf.model import backbones
+    out = summary.template_summary(FLAGS.preset, cli.template_config(), cli.gate_config(),
+                                   FLAGS.num_classes)
+    out["backbones"] = [summary.backbone_summary(
+        name, backbones.preset(name, **_backbone_overrides()), FLAGS.num_classes)
+        for name in FLAGS.backbones]
+    model_dir = cli.paths()[1]
+    sampled = summary.sampled_strategies(os.path.join(model_dir, "analysis"))
+    if sampled is not None:
+        out["sampled_strategies"] = {"model_dir": model_dir, "strategies": sampled}
+    print(json.dumps(out, indent=1))
 
 
 def run_data_service():

@@ -8,22 +8,7 @@ the caller's ``init_fn``), fits with the callbacks of ``callbacks.py``, saves
 the model and evaluates it.  Multi-worker runs go through
 ``distribution.fit_multi_worker`` (Keras 3's ``fit`` does not support them).
 
-**Phases.**  Without ``restart_at_switch`` one optimizer and one learning-rate
-schedule span the run, the gates switching on after ``warmup_epochs``.  With
-it (the authors' two launches): the warm-up is one phase (its own learning
-rate, steps and weight decay) and the v-DropPath phase another, started with a
-fresh optimizer (momentum and step count at zero) and its own schedule.  All
-epoch numbers count from the start of the run.  A checkpoint holds the
-optimizer of the phase it was written in; a run resumed inside a phase gets
-that phase's optimizer back, one resumed from the checkpoint that ends the
-warm-up restarts, so the restart happens exactly once either way.
-
-**Weight decay** is Keras' decoupled form, w <- w - lr * wd * w per step, on
-every trainable variable (kernels, biases, BatchNorm scale and shift: the
-authors' single PyTorch parameter group) except the gates' drop logits.
-PyTorch's ``SGD(weight_decay=l)`` adds l * w to the gradient before momentum m,
-which in steady state shrinks weights l / (1 - m) per unit learning rate: the
-authors' 5e-4 with momentum 0.9 is wd = 5e-3 here.
+The recipe (phases, optimizers, weight decay) is ``optimization.py``.
 """
 
 from __future__ import annotations
@@ -41,183 +26,22 @@ from stfusion_tf import callbacks as cb
 from stfusion_tf import distribution as dist_lib
 from stfusion_tf import evaluation, files
 from stfusion_tf.data import pipeline, records
+from stfusion_tf.optimization import (  # noqa: F401  (train() takes a TrainConfig)
+    GATE_OPTIMIZERS, OPTIMIZERS, Phase, TrainConfig, build_optimizer, compile_model, phases,
+    standalone)
 from stfusion_tf.errors import UserError
 from stfusion_tf.model import backbones
 from stfusion_tf.model import gates as gates_lib
 from stfusion_tf.model import template as tpl
 
-OPTIMIZERS = ("sgd", "adam")
-#: How the gates' drop logits are optimised: with the weights (the authors' one SGD
-#: parameter group) or by an optimizer of their own.
-GATE_OPTIMIZERS = ("shared", "adam", "sgd")
-GATE_VARIABLES = ".*/p_logit"
-#: Variable names weight decay never touches: the gates' drop logits.
-NO_DECAY = ("p_logit",)
 MODEL_FILE = "template.keras"
 SUMMARY_FILE = "train_summary.json"
 INIT_FILE = "init.json"
 TRACE_FILE = "gate_trace.jsonl"
+#: Per-class report of the final evaluation: ``<model_dir>/evaluation/<split>.json``.
+EVAL_DIR = "evaluation"
 NonFiniteLossError = cb.NonFiniteLossError
 WorkerLostError = dist_lib.WorkerLostError
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """The optimisation recipe of one run; ``epochs`` counts the warm-up too."""
-
-    epochs: int = 6
-    warmup_epochs: int = 2
-    learning_rate: float = 0.01
-    lr_steps: tuple[int, ...] = ()
-    lr_factor: float = 0.1
-    momentum: float = 0.9
-    optimizer: str = "sgd"
-    steps_per_epoch: int | None = None
-    keep_checkpoints: int = 3
-    seed: int = 0
-    gate_optimizer: str = "shared"
-    gate_learning_rate: float | None = None
-    #: Decoupled weight decay of the v-DropPath phase (of the whole run without a restart).
-    weight_decay: float = 0.0
-    #: Restart optimizer and schedule when the gates switch on (module docstring).
-    restart_at_switch: bool = False
-    #: The warm-up phase's learning rate (None: ``learning_rate``), steps and weight decay;
-    #: only with ``restart_at_switch``.
-    warmup_learning_rate: float | None = None
-    warmup_lr_steps: tuple[int, ...] = ()
-    warmup_weight_decay: float = 0.0
-
-    def __post_init__(self):
-        object.__setattr__(self, "lr_steps", tuple(int(s) for s in self.lr_steps))
-        object.__setattr__(self, "warmup_lr_steps", tuple(int(s) for s in self.warmup_lr_steps))
-        if self.optimizer not in OPTIMIZERS:
-            raise UserError(f"optimizer={self.optimizer!r}; valid values: {', '.join(OPTIMIZERS)}")
-        if self.epochs < 1:
-            raise UserError(f"epochs must be >= 1, got {self.epochs}")
-        if not 0 <= self.warmup_epochs <= self.epochs:
-            raise UserError(f"warmup_epochs={self.warmup_epochs} exceeds epochs={self.epochs}")
-        if self.learning_rate <= 0:
-            raise UserError(f"learning_rate must be > 0, got {self.learning_rate}")
-        if list(self.lr_steps) != sorted(self.lr_steps):
-            raise UserError(f"lr_steps must increase, got {list(self.lr_steps)}")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise UserError(f"steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
-        if self.gate_optimizer not in GATE_OPTIMIZERS:
-            raise UserError(f"gate_optimizer={self.gate_optimizer!r}; valid values: "
-                            f"{', '.join(GATE_OPTIMIZERS)}")
-        if self.gate_optimizer != "shared" and not (self.gate_learning_rate or 0) > 0:
-            raise UserError(f"gate_optimizer={self.gate_optimizer} needs gate_learning_rate > 0")
-        if min(self.weight_decay, self.warmup_weight_decay) < 0:
-            raise UserError("weight_decay and warmup_weight_decay must be >= 0")
-        self._check_phases()
-
-    def _check_phases(self):
-        warmup_set = [n for n, v, default in (
-            ("warmup_learning_rate", self.warmup_learning_rate, None),
-            ("warmup_lr_steps", self.warmup_lr_steps, ()),
-            ("warmup_weight_decay", self.warmup_weight_decay, 0.0)) if v != default]
-        if not self.restart_at_switch:
-            if warmup_set:
-                raise UserError(f"{warmup_set[0]} needs restart_at_switch (without it one "
-                                "optimizer and schedule span the run)")
-            return
-        if not 0 < self.warmup_epochs < self.epochs:
-            raise UserError("restart_at_switch needs 0 < warmup_epochs < epochs, got "
-                            f"warmup_epochs={self.warmup_epochs}, epochs={self.epochs}")
-        if self.warmup_learning_rate is not None and self.warmup_learning_rate <= 0:
-            raise UserError(f"warmup_learning_rate must be > 0, got {self.warmup_learning_rate}")
-        steps = list(self.warmup_lr_steps)
-        if steps != sorted(steps) or any(not 0 < e < self.warmup_epochs for e in steps):
-            raise UserError(f"warmup_lr_steps must increase inside the warm-up (0 < epoch < "
-                            f"warmup_epochs={self.warmup_epochs}), got {steps}")
-        if any(e <= self.warmup_epochs for e in self.lr_steps):
-            raise UserError(f"with restart_at_switch, lr_steps are the v-DropPath phase's (epochs "
-                            f"from the start of the run, > warmup_epochs={self.warmup_epochs}), "
-                            f"got {list(self.lr_steps)}")
-
-
-@dataclasses.dataclass(frozen=True)
-class Phase:
-    """Epochs [start, end) trained by one optimizer on one schedule (steps: run epochs)."""
-
-    name: str
-    start: int
-    end: int
-    learning_rate: float
-    lr_steps: tuple[int, ...]
-    weight_decay: float
-
-
-def phases(cfg: TrainConfig) -> tuple[Phase, ...]:
-    """The run's phases: one, or warm-up and v-DropPath with ``restart_at_switch``."""
-    if not cfg.restart_at_switch:
-        return (Phase("run", 0, cfg.epochs, cfg.learning_rate, cfg.lr_steps, cfg.weight_decay),)
-    return (Phase("warmup", 0, cfg.warmup_epochs, cfg.warmup_learning_rate or cfg.learning_rate,
-                  cfg.warmup_lr_steps, cfg.warmup_weight_decay),
-            Phase("variational", cfg.warmup_epochs, cfg.epochs, cfg.learning_rate, cfg.lr_steps,
-                  cfg.weight_decay))
-
-
-def standalone(cfg: TrainConfig, epochs: int) -> TrainConfig:
-    """The recipe of a network trained without v-DropPath (a backbone, a fixed strategy)
-    for ``epochs``: the v-DropPath phase's learning rate and steps counted from its
-    start (from the run's start without a restart), the weight decay of plain training
-    (the warm-up's with a restart), classifier dropout on throughout, one phase."""
-    offset = cfg.warmup_epochs if cfg.restart_at_switch else 0
-    wd = cfg.warmup_weight_decay if cfg.restart_at_switch else cfg.weight_decay
-    return dataclasses.replace(
-        cfg, epochs=epochs, warmup_epochs=epochs, restart_at_switch=False,
-        lr_steps=tuple(e - offset for e in cfg.lr_steps if 0 < e - offset < epochs),
-        weight_decay=wd, warmup_learning_rate=None, warmup_lr_steps=(), warmup_weight_decay=0.0)
-
-
-def _schedule(cfg: TrainConfig, phase: Phase, base: float, steps_per_epoch: int):
-    """``base``, multiplied by ``lr_factor`` from the first step of each of the phase's
-    ``lr_steps`` (epochs of the run; the phase's optimizer counts steps from its start)."""
-    if not phase.lr_steps:
-        return base
-    values = [base * cfg.lr_factor ** i for i in range(len(phase.lr_steps) + 1)]
-    # PiecewiseConstantDecay switches after a boundary; Keras passes the number of
-    # steps already taken, so step k of epoch e (k = e * steps_per_epoch) needs e*spe - 1.
-    return keras.optimizers.schedules.PiecewiseConstantDecay(
-        [int((e - phase.start) * steps_per_epoch) - 1 for e in phase.lr_steps], values)
-
-
-def _make(name: str, lr, momentum: float, weight_decay: float = 0.0):
-    wd = weight_decay or None
-    if name == "sgd":
-        opt = keras.optimizers.SGD(lr, momentum=momentum, weight_decay=wd)
-    else:
-        opt = keras.optimizers.Adam(lr, weight_decay=wd)
-    if wd:
-        opt.exclude_from_weight_decay(var_names=list(NO_DECAY))
-    return opt
-
-
-def build_optimizer(cfg: TrainConfig, steps_per_epoch: int,
-                    phase: Phase | None = None) -> keras.optimizers.Optimizer:
-    """The optimizer of ``phase`` (default: the run's first): the weights' optimizer with
-    the phase's schedule and weight decay (never on gate logits); with ``gate_optimizer``
-    other than ``shared``, the gate logits get their own (Keras' ``MultiOptimizer``, no
-    weight decay) on the same step schedule."""
-    phase = phase or phases(cfg)[0]
-    weights = _make(cfg.optimizer, _schedule(cfg, phase, phase.learning_rate, steps_per_epoch),
-                    cfg.momentum, phase.weight_decay)
-    if cfg.gate_optimizer == "shared":
-        return weights
-    gate = _make(cfg.gate_optimizer,
-                 _schedule(cfg, phase, cfg.gate_learning_rate, steps_per_epoch), cfg.momentum)
-    return keras.optimizers.MultiOptimizer(
-        keras.optimizers.OptimizerMap(weights, {GATE_VARIABLES: gate}))
-
-
-def _compile(model, cfg: TrainConfig, steps: int, phase: Phase) -> None:
-    model.compile(
-        optimizer=build_optimizer(cfg, steps, phase),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        metrics=[keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="cross_entropy"),
-                 keras.metrics.SparseCategoricalAccuracy(name="accuracy")])
-    model.optimizer.build(model.trainable_variables)
 
 
 def _callbacks(model, cfg: TrainConfig, write_dir: str, ckpt, stats, trace_ds, trace_every,
@@ -270,6 +94,7 @@ def train(model: keras.Model, model_dir: str, data_dir: str, input_cfg: pipeline
     chief, task_id = dist_lib.worker_role(distribution)
     write_dir = model_dir if chief else os.path.join(model_dir, "_worker_scratch", str(task_id))
     keras.utils.set_random_seed(cfg.seed)
+    soft = cfg.label_smoothing > 0 or input_cfg.mixes
     start = cb.checkpoint_epoch(os.path.join(model_dir, "checkpoints"))
     init = _initialise(model, model_dir, init_fn, start, chief, log)
     # Counting needs variables inside the input pipeline, which tf.distribute's dataset
@@ -277,7 +102,7 @@ def train(model: keras.Model, model_dir: str, data_dir: str, input_cfg: pipeline
     local = not data_service and distribution.num_replicas_in_sync == 1
     stats = pipeline.InputStats() if local else None
     train_ds = pipeline.train_dataset(data_dir, train_split, input_cfg, data_service=data_service,
-                                      stats=stats)
+                                      stats=stats, one_hot=soft)
     # The gate trace splits gradients on batches of its own (plain forward passes:
     # single-replica local runs only).
     trace_ds = pipeline.train_dataset(data_dir, train_split, input_cfg) if local else None
@@ -286,7 +111,9 @@ def train(model: keras.Model, model_dir: str, data_dir: str, input_cfg: pipeline
     run_cbs = _callbacks(model, cfg, write_dir, ckpt, stats, trace_ds, trace_every,
                          log) + list(callbacks)
     history, total_steps = _run_phases(model, cfg, distribution, train_ds, start, steps,
-                                       input_cfg.batch_size, ckpt, run_cbs, verbose, log)
+                                       input_cfg.batch_size, ckpt, run_cbs, verbose, log, soft)
+    if cfg.ema:  # also after a resumed, already finished run (fit did it otherwise; idempotent)
+        model.optimizer.finalize_variable_values(model.trainable_variables)
     cb.set_phase(model, variational=cfg.epochs > cfg.warmup_epochs)
     summary = _summary(model, cfg, distribution, chief, steps, n_train, history, total_steps)
     if init is not None:
@@ -297,7 +124,7 @@ def train(model: keras.Model, model_dir: str, data_dir: str, input_cfg: pipeline
     files.save_keras(model, os.path.join(model_dir, model_file))
     if eval_split:
         summary["eval"] = {eval_split: _evaluate(model, data_dir, eval_split, input_cfg, manifest,
-                                                 verbose, log)}
+                                                 verbose, log, model_dir, summary["steps"])}
     files.write_json(os.path.join(model_dir, SUMMARY_FILE), summary)
     return summary
 
@@ -318,14 +145,14 @@ def _initialise(model, model_dir, init_fn, start, chief, log) -> dict | None:
 
 
 def _run_phases(model, cfg, distribution, train_ds, start, steps, global_batch, ckpt, callbacks,
-                verbose, log) -> tuple[dict, int]:
+                verbose, log, soft=False) -> tuple[dict, int]:
     """Fits each phase from ``start`` on, each with its own optimizer; restores the
     checkpoint into the phase it belongs to.  Returns (history, optimizer steps of the run)."""
     plan = [ph for ph in phases(cfg) if start < ph.end] or [phases(cfg)[-1]]
     history = {}
     for i, ph in enumerate(plan):
         with distribution.scope():
-            _compile(model, cfg, steps, ph)
+            compile_model(model, cfg, steps, ph, soft)
             ckpt.attach(model)
             if i == 0 and start:
                 # A checkpoint written at a phase's start holds the previous phase's
@@ -375,12 +202,24 @@ def _summary(model, cfg, distribution, chief, steps, n_train, history, total_ste
     return summary
 
 
-def _evaluate(model, data_dir, split, input_cfg, manifest, verbose, log) -> dict:
+def _evaluate(model, data_dir, split, input_cfg, manifest, verbose, log, model_dir, step) -> dict:
+    """Accuracy on ``split``; the per-class report goes to ``evaluation/<split>.json`` and its
+    confusion matrix to TensorBoard (``eval``)."""
     expected = records.split_size(manifest, split)
     result = evaluation.evaluate(model, pipeline.eval_dataset(data_dir, split, input_cfg),
                                  expected * input_cfg.num_views,
                                  progress_stream=sys.stderr if verbose else None,
-                                 protocol=pipeline.protocol(input_cfg))
+                                 protocol=pipeline.protocol(input_cfg),
+                                 label_map=manifest["label_map"])
+    classes = result.pop("classes")
+    result["mean_class_accuracy"] = classes["mean_class_accuracy"]
+    files.write_json(os.path.join(model_dir, EVAL_DIR, f"{split}.json"), {**result, **classes})
+    png = evaluation.plot_confusion(classes, f"{split}: confusion matrix (video level)")
+    writer = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard", "eval"))
+    with writer.as_default(step=step):
+        tf.summary.image(f"confusion_matrix/{split}", tf.io.decode_png(png)[None])
+        tf.summary.scalar(f"mean_class_accuracy/{split}", classes["mean_class_accuracy"])
+    writer.flush()
     log(f"{split}: {json.dumps(result)}")
     if result["num_videos"] < expected:
         log(f"[input] {split}: {expected - result['num_videos']} of {expected} videos could not "

@@ -218,3 +218,45 @@ def test_aggregate_over_seeds_means_spreads_and_consensus(tmp_path):
         assert (tmp_path / "agg" / f).exists(), f
     with pytest.raises(ValueError, match="run --mode=analyze"):
         aggregate.aggregate(runs + [str(tmp_path / "missing")], str(tmp_path / "agg2"))
+def test_budgeted_opt_never_exceeds_the_budget_and_the_report_shows_costs(motion_dir, tmp_path):
+    from stfusion_tf.analysis import cost, report
+    from stfusion_tf.errors import UserError
+    model = T.build_template(T.preset("tiny"), 4)
+    gates = T.TemplateGates(model)
+    rng = np.random.default_rng(4)
+    for g in gates.s + gates.t:
+        g.p_logit.assign(rng.uniform(-1.5, 0.5))
+    costs = cost.template_costs(model.config, 4)
+    sampled = [costs.row(s) for s in ranking.sample_strategies(gates.positions,
+                                                               gates.drop_rates(), 12, 0)]
+    macs = sorted(r["macs"] for r in sampled)
+    icfg = pipeline.InputConfig(batch_size=8)
+    # A budget no sample meets stops before anything is scored or written.
+    low = report.AnalysisConfig(num_samples=12, selection_split="val", report_split="test",
+                                max_gmacs=(macs[0] - 1) / 1e9)
+    with pytest.raises(UserError, match="cheapest of the 12 samples needs"):
+        report.analyze(model, motion_dir, str(tmp_path), icfg, low, log=lambda *a: None)
+    assert not (tmp_path / "analysis" / "ranking.jsonl").exists()
+    budget_macs = macs[len(macs) // 3]
+    cfg = report.AnalysisConfig(num_samples=12, selection_split="val", report_split="test",
+                                max_gmacs=budget_macs / 1e9)
+    res = report.analyze(model, motion_dir, str(tmp_path), icfg, cfg, log=lambda *a: None)
+    rows = [json.loads(l) for l in open(tmp_path / "analysis" / "ranking.jsonl")]
+    assert all(r["macs"] == costs.row(FusionStrategy(gates.positions, tuple(r["units"])))["macs"]
+               for r in rows)
+    opt = FusionStrategy.load(str(tmp_path / "analysis" / "opt_strategy.json"))
+    assert costs.of(opt).macs <= budget_macs
+    within = [r for r in rows if r["macs"] <= budget_macs]
+    assert res["cost"]["opt"]["video_top1"] == max(r["video_top1"] for r in within)
+    assert res["cost"]["unconstrained_opt"]["video_top1"] == max(r["video_top1"] for r in rows)
+    s_budget = res["cost"]["at_uniform_budgets"][0]
+    assert s_budget["unit"] == "S" and (s_budget["best"] is None or
+                                        s_budget["best"]["macs"] <= s_budget["macs"])
+    png = (tmp_path / "analysis" / "cost_accuracy.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (tmp_path / "analysis" / "report.md").read_text()
+    assert "![accuracy vs MACs](cost_accuracy.png)" in md and "**Budget**" in md
+    assert "## Worst classes" in md and "Pareto front" in md
+    classes = json.loads((tmp_path / "analysis" / "opt_classes.json").read_text())
+    assert sum(map(sum, classes["confusion_matrix"])) == 16  # every test video, once
+    assert classes["accuracy"] == pytest.approx(res["comparison"]["Opt"]["video_top1"])

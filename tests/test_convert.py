@@ -169,3 +169,26 @@ def test_holdout_is_carved_deterministically_from_train():
     assert lst.items[-1].split == "val"
     again = convert.carve_holdout(convert.Listing(["a", "b", "c"], items), 0.1)
     assert [i.split for i in again.items] == [i.split for i in lst.items]
+
+
+def test_frozen_videos_are_counted_and_skipped_or_kept(tmp_path):
+    """A video whose decoded frames are all identical (a decoder repeating one frame) is
+    listed in the manifest; skipped by default, kept on request."""
+    root = tmp_path / "videos"
+    (root / "a").mkdir(parents=True)
+    write_video(root / "a" / "moving.mp4", seed=1)
+    write_video(root / "a" / "still.mp4", seed=2, still=True)
+    write_video(root / "a" / "still.avi", seed=3, still=True)
+    write_video(root / "a" / "one_frame.mp4", n=1, seed=4)  # cannot be judged: kept
+    listing = convert.list_folder(str(root))
+    m = _convert(listing, tmp_path / "skip")
+    frozen = {os.path.basename(f["source"]): f["num_frames"] for f in m["frozen"]}
+    assert frozen == {"still.mp4": 12, "still.avi": 12} and m["num_frozen"] == 2
+    reasons = {os.path.basename(s["source"]): s["reason"] for s in m["skipped"]}
+    assert reasons == {n: "frozen: all 12 decoded frames are identical" for n in frozen}
+    assert m["splits"]["train"]["num_clips"] == 2
+    assert {c[2].numpy().decode() for c in _read(tmp_path / "skip", "train")} == \
+        {"a/moving", "a/one_frame"}
+    m = _convert(listing, tmp_path / "keep", keep_frozen=True)
+    assert m["num_frozen"] == 2 and m["num_skipped"] == 0
+    assert m["splits"]["train"]["num_clips"] == 4

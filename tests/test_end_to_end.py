@@ -83,6 +83,19 @@ def test_mode_all_then_resume(tmp_path):
     r = _run("--mode=analyze", f"--model_dir={run}", "--num_frames=16", cwd=str(tmp_path))
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "takes 8x32x32 clips" in r.stderr and "16x32x32" in r.stderr
+    # Per-class evaluation of the selection split, and its confusion matrix in TensorBoard.
+    classes = json.loads((run / "evaluation/val.json").read_text())
+    assert sum(map(sum, classes["confusion_matrix"])) == classes["num_videos"] == 8
+    assert "confusion_matrix/val" in _tags(str(run / "tensorboard" / "eval"))
+    assert {"accuracy_vs_macs", "opt_confusion_matrix"} <= \
+        _tags(str(run / "tensorboard" / "analysis"))
+    # --mode=summary prints every sampled strategy's cost from the run's ranking.
+    out = _main(tmp_path, "--mode=summary")
+    sampled = json.loads(out)["sampled_strategies"]["strategies"]
+    rows = [json.loads(l) for l in (run / "analysis/ranking.jsonl").read_text().splitlines()]
+    assert len(sampled) == len({r["key"] for r in rows})
+    assert {s["index"]: s["params"] for s in sampled} == \
+        {r["index"]: r["params"] for r in rows if "duplicate_of" not in r}
     # Resume: one more epoch continues from the checkpoint of epoch 2.
     out = _main(tmp_path, "--mode=train", "--epochs=3")
     assert "[train]" in out
@@ -114,3 +127,14 @@ def test_mode_all_then_resume(tmp_path):
     assert "| resnet_tiny |" in md and "| Opt | S | ST |" in md
     assert "Evaluation protocol: " in md and " x 1 clip x 1 crop of " in md
     assert "generalization" in _tags(str(run / "tensorboard" / "generalize"))
+
+    # TFLite: the template's S+ST classifier, and a trained backbone through --export_model.
+    out = _main(tmp_path, "--mode=export", "--strategy=S+ST", "--tflite")
+    assert "classifier_S_plus_ST.tflite" in out
+    for name in ("classifier_S_plus_ST.tflite", "classifier_S_plus_ST.json"):
+        assert (run / "export" / "tflite" / name).exists(), name
+    backbone = run / "generalize" / "resnet_tiny" / "S" / "model.keras"
+    out = _main(tmp_path, "--mode=export", f"--export_model={backbone}", "--tflite")
+    assert (run / "export/classifier_resnet_tiny_S/1/saved_model.pb").exists()
+    meta = json.loads((run / "export/tflite/classifier_resnet_tiny_S.json").read_text())
+    assert meta["max_abs_diff_vs_keras"] <= 1e-4

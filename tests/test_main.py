@@ -32,6 +32,9 @@ def test_summary_prints_parameter_counts():
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["positions"] == 11 and out["params_total"] > 10000
+    g = {u: out["strategies"][u]["gmacs"] for u in ("S", "ST", "S+ST")}
+    assert 0 < g["S"] < g["ST"] < g["S+ST"] == out["template_gmacs"]
+    assert out["strategies"]["S+ST"]["params"] == out["params_trainable"] - 23  # less the gates
 
 
 def test_every_config_parses_and_its_network_builds():

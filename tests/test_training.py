@@ -46,7 +46,7 @@ def test_gate_logits_have_their_own_optimizer_and_learning_rate(trained):
 def test_checkpoint_restores_every_inner_optimizer(trained, motion_dir):
     model = trained["model"]
     fresh = _template()
-    training._compile(fresh, trained["cfg"], 3, training.phases(trained["cfg"])[0])
+    training.compile_model(fresh, trained["cfg"], 3, training.phases(trained["cfg"])[0])
     ckpt = callbacks.AtomicCheckpoint(f"{trained['run']}/checkpoints", 3).attach(fresh)
     assert ckpt.restore() == 2
     for a, b in zip(callbacks.inner_optimizers(model.optimizer),

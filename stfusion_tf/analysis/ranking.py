@@ -117,6 +117,15 @@ class StrategyScorer:
             bn.moving_variance.assign(bn.moving_variance / debias)
 
     def score_mask(self, mask) -> dict:
+        return self.result(self.accumulate(mask))
+
+    def result(self, acc: evaluation.Accumulator) -> dict:
+        """Accuracies of an ``accumulate`` pass, labelled with the protocol."""
+        result = acc.result()
+        return {"protocol": self.protocol, **result} if self.protocol is not None else result
+
+    def accumulate(self, mask) -> evaluation.Accumulator:
+        """Per-video scores of every view with keep mask ``mask``."""
         mask = tf.convert_to_tensor(np.asarray(mask, np.float32))
         saved = None
         if self.recal_batches:
@@ -131,8 +140,7 @@ class StrategyScorer:
                 for b, (m, v) in zip(self.bns, saved):
                     b.moving_mean.assign(m)
                     b.moving_variance.assign(v)
-        result = acc.result()
-        return {"protocol": self.protocol, **result} if self.protocol is not None else result
+        return acc
 
     def score(self, strategy: FusionStrategy) -> dict:
         return self.score_mask(strategy.to_mask())
@@ -147,18 +155,23 @@ def _fingerprint(drop_rates, seed, num, protocol=None) -> str:
 
 
 def rank(scorer: StrategyScorer, positions, drop_rates, num: int, seed: int,
-         jsonl_path: str, log: Callable = print) -> list[dict]:
+         jsonl_path: str, log: Callable = print, cost_fn: Callable | None = None) -> list[dict]:
     """Samples ``num`` strategies and scores each; results are appended to
     ``jsonl_path`` as they come, and an interrupted run resumes where it stopped.
 
-    Duplicate samples are recognised and not scored twice.  Returns all rows
-    sorted best first (video top-1, then clip top-1).
+    Duplicate samples are recognised and not scored twice.  ``cost_fn(strategy)``
+    (e.g. ``cost.TemplateCosts.row``) adds ``macs`` and ``params`` to every row,
+    also to rows a previous version wrote without them.  Returns all rows sorted
+    best first (``order``).
     """
     fp = _fingerprint(drop_rates, seed, num, scorer.protocol)
     rows, torn = files.read_jsonl(jsonl_path)  # a torn line's strategy is scored again
     done = {row["index"]: row for row in rows if row.get("fingerprint") == fp}
-    if torn or len(done) < len(rows):
-        # Stale rows from other drop rates/seed or a torn line: rewrite cleanly.
+    costless = [r for r in done.values() if cost_fn and "macs" not in r]
+    for row in costless:
+        row.update(cost_fn(FusionStrategy(tuple(positions), tuple(row["units"]))))
+    if torn or len(done) < len(rows) or costless:
+        # Stale rows from other drop rates/seed, a torn line or rows without costs: rewrite.
         files.rewrite_jsonl(jsonl_path, done.values())
     if done:
         log(f"resuming ranking: {len(done)}/{num} strategies already scored")
@@ -176,11 +189,17 @@ def rank(scorer: StrategyScorer, positions, drop_rates, num: int, seed: int,
                 if "protocol" in score:  # one line per strategy: the label says it
                     score["protocol"] = score["protocol"]["label"]
                 row = {"index": i, "key": key, "code": st.code(), "units": list(st.units),
-                       "counts": st.counts(), "fingerprint": fp, **score}
+                       "counts": st.counts(), "fingerprint": fp,
+                       **(cost_fn(st) if cost_fn else {}), **score}
                 by_key[key] = row
             f.append(row)
             done[i] = row
             if (i + 1) % 10 == 0 or i + 1 == num:
                 log(f"ranked {i + 1}/{num}")
     rows = [done[i] for i in range(num)]
-    return sorted(rows, key=lambda r: (-r["video_top1"], -r["clip_top1"], r["index"]))
+    return sorted(rows, key=order)
+
+
+def order(row: dict) -> tuple:
+    """Best first: video top-1, then clip top-1, then (ties) fewer MACs, then sample index."""
+    return (-row["video_top1"], -row["clip_top1"], row.get("macs", 0), row["index"])

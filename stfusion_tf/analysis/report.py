@@ -5,8 +5,11 @@ Writes into ``<model_dir>/analysis/``: ``marginals.{json,csv,png}``, ``summary.j
 ``ranking.jsonl`` (one scored strategy per line, resumable),
 ``opt_strategy.json`` (the best sampled strategy, a FusionStrategy),
 ``comparison.json`` (Opt vs uniform S / ST / S+ST on the reporting split),
-``observations.json`` and ``report.md``; the marginal chart also goes to
-TensorBoard under ``<model_dir>/tensorboard/analysis``.
+``observations.json``, ``opt_classes.json`` (Opt's per-class accuracy and
+confusion matrix on the reporting split), ``cost_accuracy.png`` (accuracy vs
+MACs of every sample, see ``budget``) and ``report.md``; the charts also go to
+TensorBoard under ``<model_dir>/tensorboard/analysis``.  With a budget
+(``max_gmacs`` / ``max_params``) Opt is the best sample within it.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from stfusion_tf import files
+from stfusion_tf import evaluation, files
+from stfusion_tf.analysis import budget, cost
 from stfusion_tf.analysis import marginals as marg
 from stfusion_tf.analysis import ranking
 from stfusion_tf.data import pipeline, records
@@ -42,11 +46,16 @@ class AnalysisConfig:
     #: Evaluation protocol of the ranking ("same": the input config's eval_protocol, which
     #: the reporting split always uses); the authors selected on "authors" (1 clip).
     selection_protocol: str = "same"
+    max_gmacs: float | None = None  # Opt: the best sample within this many GMACs per clip
+    max_params: float | None = None  # ... and this many parameters
 
     def __post_init__(self):
         if self.selection_protocol not in SELECTION_PROTOCOLS:
             raise UserError(f"selection_protocol={self.selection_protocol!r}; valid values: "
                             f"{', '.join(SELECTION_PROTOCOLS)}")
+        for name in ("max_gmacs", "max_params"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
+                raise UserError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.selection_split == self.report_split:
             raise UserError("selection_split and report_split must differ")
         if self.num_samples < 1:
@@ -122,6 +131,35 @@ def _fmt(x):
     return f"{100 * x:.1f}" if isinstance(x, float) and np.isfinite(x) else "–"
 
 
+def _template_costs(model) -> cost.TemplateCosts | None:
+    """Costs of the template's strategies; None for a functional model saved by an older
+    version (no architecture config)."""
+    config = getattr(model, "config", None)
+    return None if config is None else cost.template_costs(config, int(model.output_shape[-1]))
+
+
+def _images(model_dir: str, out: str, pngs: dict) -> None:
+    """Writes each chart to ``analysis/<name>.png`` and TensorBoard (``analysis``)."""
+    writer = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard", "analysis"))
+    with writer.as_default(step=0):
+        for name, (file, png) in pngs.items():
+            if file:
+                files.write_text(os.path.join(out, file), png)
+            tf.summary.image(name, tf.io.decode_png(png)[None])
+    writer.flush()
+
+
+def _compare(rep, opt: FusionStrategy, costs, label_map) -> tuple[dict, dict]:
+    """Opt and the uniform strategies on the reporting split; Opt's per-class report."""
+    acc = rep.accumulate(opt.to_mask())
+    comparison = {"Opt": {"code": opt.code(), **(costs.row(opt) if costs else {}),
+                          **rep.result(acc)}}
+    for unit in (S_ST, S, ST):
+        st = FusionStrategy.uniform(opt.positions, unit)
+        comparison[unit] = {"code": st.code(), **(costs.row(st) if costs else {}), **rep.score(st)}
+    return comparison, acc.classes(label_map)
+
+
 def analyze(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfig,
             cfg: AnalysisConfig, log=print) -> dict:
     out = os.path.join(model_dir, "analysis")
@@ -131,34 +169,36 @@ def analyze(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfi
         records.split_size(manifest, split)
     gates = TemplateGates(model)
     positions, rates = gates.positions, gates.drop_rates()
+    costs = _template_costs(model)
+    budget.check_feasible(costs, positions, rates, cfg)  # before any scoring
     rows = marg.marginals_table(positions, rates)
     files.write_text(os.path.join(out, "marginals.json"), marg.to_json(rows))
     files.write_text(os.path.join(out, "marginals.csv"), marg.to_csv(rows))
 
     sel = _scorer(model, gates, data_dir, cfg.selection_split, selection_input(input_cfg, cfg))
     ranked = ranking.rank(sel, positions, rates, cfg.num_samples, cfg.seed,
-                          os.path.join(out, "ranking.jsonl"), log=log)
-    opt = FusionStrategy(positions, tuple(ranked[0]["units"]))
+                          os.path.join(out, "ranking.jsonl"), log=log,
+                          cost_fn=costs.row if costs else None)
+    opt_row = budget.select(ranked, cfg)
+    opt = FusionStrategy(positions, tuple(opt_row["units"]))
     opt.save(os.path.join(out, "opt_strategy.json"))
     recal = None
     if cfg.recalibrate_batches > 0:
         recal = _recalibrated_ranking(model, gates, data_dir, input_cfg, cfg, rates, ranked, out, log)
-    png = marg.plot(positions, rates, best=opt, title=f"{manifest['name']}: layer-level marginals "
-                    "(bars) and best sampled strategy (dots)")
-    files.write_text(os.path.join(out, "marginals.png"), png)
-    writer = tf.summary.create_file_writer(os.path.join(model_dir, "tensorboard", "analysis"))
-    with writer.as_default(step=0):
-        tf.summary.image("marginals_with_opt", tf.io.decode_png(png)[None])
-    writer.flush()
-
+    pngs = {"marginals_with_opt": ("marginals.png", marg.plot(
+        positions, rates, best=opt, title=f"{manifest['name']}: layer-level marginals (bars) and "
+        "best sampled strategy (dots)"))}
     rep = _scorer(model, gates, data_dir, cfg.report_split, input_cfg)
-    comparison = {"Opt": {"code": opt.code(), **rep.score(opt)}}
-    for unit in (S_ST, S, ST):
-        st = FusionStrategy.uniform(positions, unit)
-        comparison[unit] = {"code": st.code(), **rep.score(st)}
+    comparison, classes = _compare(rep, opt, costs, manifest["label_map"])
+    pngs["opt_confusion_matrix"] = (None, evaluation.plot_confusion(
+        classes, f"Opt on {cfg.report_split}: confusion matrix (video level)"))
+    cost_section = None
+    if costs is not None:
+        cost_section, png = budget.cost_report(sel, rep, ranked, opt_row, costs, cfg)
+        pngs["accuracy_vs_macs"] = ("cost_accuracy.png", png)
+    _images(model_dir, out, pngs)
     log(f"reporting split, inherited weights, video top-1 ({rep.protocol['label']}): " + ", ".join(
         f"{k} {_fmt(v['video_top1'])}" for k, v in comparison.items()))
-    unique = len({r["key"] for r in ranked})
     obs = observations(positions, rates, ranked[: cfg.top_k])
     initial = getattr(getattr(model, "gate_config", None), "init_drop_rate", 0.1)
     moved = marg.movement(rates, initial)
@@ -166,16 +206,39 @@ def analyze(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfi
     result = {"dataset": manifest["name"], "selection_split": cfg.selection_split,
               "report_split": cfg.report_split, "num_samples": cfg.num_samples,
               "selection_protocol": sel.protocol, "report_protocol": rep.protocol,
-              "unique_samples": unique, "seed": cfg.seed, "comparison": comparison,
-              "observations": obs, "drop_rate_movement": moved,
+              "unique_samples": len({r["key"] for r in ranked}), "seed": cfg.seed,
+              "comparison": comparison, "observations": obs, "drop_rate_movement": moved,
               "temporal_use": marg.temporal_use(rates), "opt": opt.to_dict(),
-              "bn_recalibration": recal, "top": ranked[: cfg.top_k]}
+              "bn_recalibration": recal, "top": ranked[: cfg.top_k], "cost": cost_section,
+              "worst_classes": evaluation.worst_classes(classes),
+              "mean_class_accuracy": classes["mean_class_accuracy"]}
     files.write_json(os.path.join(out, "summary.json"), result)
     files.write_json(os.path.join(out, "comparison.json"), comparison)
     files.write_json(os.path.join(out, "observations.json"), obs)
+    files.write_json(os.path.join(out, "opt_classes.json"), classes)
     files.write_text(os.path.join(out, "report.md"), _report_md(result, rows))
     log(f"analysis written to {out}")
     return result
+
+
+def _gmacs(row: dict) -> str:
+    return f"{row['macs'] / 1e9:.3g}" if "macs" in row else "–"
+
+
+def _params(row: dict) -> str:
+    return f"{row['params']:,}" if "params" in row else "–"
+
+
+def _classes_md(r: dict) -> list[str]:
+    worst = r.get("worst_classes") or []
+    L = ["", f"## Worst classes (Opt, split `{r['report_split']}`, video level)", "",
+         f"Mean class accuracy {_fmt(r['mean_class_accuracy'])}; per-class accuracy and the "
+         "confusion matrix are in `opt_classes.json`.", "",
+         "| class | videos | accuracy | most often predicted instead |", "|---|---|---|---|"]
+    for c in worst:
+        L.append(f"| {c['class']} | {c['videos']} | {_fmt(c['accuracy'])} | "
+                 f"{c['confused_with'] or '–'} |")
+    return L
 
 
 def _report_md(r: dict, rows: list[dict]) -> str:
@@ -190,20 +253,24 @@ def _report_md(r: dict, rows: list[dict]) -> str:
          "![marginals](marginals.png)", "",
          f"## Opt vs uniform strategies (inherited weights, reporting split; "
          f"{r['report_protocol']['label']})", "",
-         "| strategy | video top-1 | video top-5 | clip top-1 | code |", "|---|---|---|---|---|"]
+         "| strategy | video top-1 | video top-5 | clip top-1 | GMACs | params | code |",
+         "|---|---|---|---|---|---|---|"]
     for k, v in r["comparison"].items():
         L.append(f"| {k} | {_fmt(v['video_top1'])} | {_fmt(v['video_top5'])} | "
-                 f"{_fmt(v['clip_top1'])} | `{v['code']}` |")
+                 f"{_fmt(v['clip_top1'])} | {_gmacs(v)} | {_params(v)} | `{v['code']}` |")
     L += ["", "Uniform strategies here reuse the template's weights; stand-alone trained "
           "networks are the generalisation experiment's job.", "",
           f"## Top {len(r['top'])} sampled strategies (selection split; "
           f"{r['selection_protocol']['label']})", "",
-          "| rank | sample | video top-1 | clip top-1 | S / ST / S+ST / none | code |",
-          "|---|---|---|---|---|---|"]
+          "| rank | sample | video top-1 | clip top-1 | GMACs | S / ST / S+ST / none | code |",
+          "|---|---|---|---|---|---|---|"]
     for i, t in enumerate(r["top"], 1):
         c = t["counts"]
         L.append(f"| {i} | {t['index']} | {_fmt(t['video_top1'])} | {_fmt(t['clip_top1'])} | "
-                 f"{c['S']} / {c['ST']} / {c['S+ST']} / {c['none']} | `{t['code']}` |")
+                 f"{_gmacs(t)} | {c['S']} / {c['ST']} / {c['S+ST']} / {c['none']} | `{t['code']}` |")
+    if r.get("cost"):
+        L += [""] + budget.markdown(r["cost"], r["selection_split"], r["report_split"])
+    L += _classes_md(r)
     o = r["observations"]
     L += ["", "## Observations (paper §4.4)", "",
           f"- **I** mean P(S+ST): lower half {_fmt(o['I_fused_lower_vs_upper']['mean_P_S+ST_lower_half'])}%, "

@@ -7,6 +7,15 @@ them, and writes shards through the same crash-safe writer as the synthetic
 data.  Unreadable, truncated or empty videos, missing files and unknown labels
 are skipped, counted and listed with their reason in ``manifest.json``.
 
+Frozen videos: a video of two or more frames whose decoded frames are all
+identical (pixel for pixel after resizing) is a known silent failure of some
+decoders and of broken files (one frame repeated); real footage, even of a
+still scene, has sensor and compression noise.  Such videos are counted and
+listed in the manifest (``frozen``, ``num_frozen``) and skipped, with the reason
+in ``skipped``: a motion class learnt from a still clip is label noise.
+``keep_frozen=True`` keeps them (still listed under ``frozen``).  A one-frame
+video cannot be judged and is kept.
+
 Layouts
 -------
 ``kinetics400``  ``<root>/<annotations>.csv`` (``label,youtube_id,time_start,time_end,split``)
@@ -213,23 +222,47 @@ def carve_holdout(listing: Listing, fraction: float, name: str = "holdout",
 
 # -- decoding (runs in worker processes: PyAV, PIL, NumPy only) ---------------------------
 
-def _resize_jpeg(img, short_side: int, quality: int) -> bytes:
+def _resize_jpeg(img, short_side: int, quality: int) -> tuple[bytes, bytes]:
+    """(JPEG of the frame resized to ``short_side``, its raw RGB pixels)."""
     from PIL import Image
     w, h = img.size
     if short_side and min(w, h) != short_side:
         s = short_side / min(w, h)
         img = img.resize((max(1, round(w * s)), max(1, round(h * s))), Image.BILINEAR)
+    img = img.convert("RGB")
     buf = io.BytesIO()
-    img.convert("RGB").save(buf, format="JPEG", quality=quality)
-    return buf.getvalue()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue(), img.tobytes()
+
+
+class _FrozenCheck:
+    """Tells whether every frame added equals the first (pixel for pixel)."""
+
+    def __init__(self):
+        self.first, self.count, self.changed = None, 0, False
+
+    def add(self, encoded: tuple[bytes, bytes]) -> bytes:
+        jpeg, pixels = encoded
+        if self.first is None:
+            self.first = pixels
+        elif not self.changed and pixels != self.first:
+            self.changed = True
+        self.count += 1
+        return jpeg
+
+    @property
+    def frozen(self) -> bool:
+        return self.count > 1 and not self.changed
 
 
 def decode_item(item: VideoItem, short_side: int, quality: int = 90, max_frames: int = 0) -> dict:
     """Decodes one video (or frame folder) into resized JPEG frames.
 
-    Returns ``{"frames": [...], "fps": float, "size": (h, w)}`` or ``{"error": reason}``;
-    never raises for bad input, so one broken file cannot stop a conversion.
+    Returns ``{"frames": [...], "fps": float, "size": (h, w), "frozen": bool}`` (frozen:
+    two or more frames, all identical) or ``{"error": reason}``; never raises for bad
+    input, so one broken file cannot stop a conversion.
     """
+    check = _FrozenCheck()
     try:
         if os.path.isdir(item.source):
             from PIL import Image
@@ -240,7 +273,7 @@ def decode_item(item: VideoItem, short_side: int, quality: int = 90, max_frames:
             for n in names:
                 with Image.open(os.path.join(item.source, n)) as img:
                     size = (img.size[1], img.size[0])
-                    frames.append(_resize_jpeg(img, short_side, quality))
+                    frames.append(check.add(_resize_jpeg(img, short_side, quality)))
             fps = 12.0  # Something-Something V1 frames were extracted at 12 fps
         else:
             import av
@@ -256,7 +289,7 @@ def decode_item(item: VideoItem, short_side: int, quality: int = 90, max_frames:
                     for frame in container.decode(stream):
                         img = frame.to_image()
                         size = (img.size[1], img.size[0])
-                        frames.append(_resize_jpeg(img, short_side, quality))
+                        frames.append(check.add(_resize_jpeg(img, short_side, quality)))
                         if max_frames and len(frames) >= max_frames:
                             break
                 except av.error.FFmpegError as e:  # truncated: keep what decoded if anything
@@ -264,7 +297,7 @@ def decode_item(item: VideoItem, short_side: int, quality: int = 90, max_frames:
                         return {"error": f"undecodable video: {e}"}
         if not frames:
             return {"error": "no decodable frames"}
-        return {"frames": frames, "fps": fps, "size": size}
+        return {"frames": frames, "fps": fps, "size": size, "frozen": check.frozen}
     except Exception as e:  # noqa: BLE001 - any failure is reported per input
         return {"error": f"{type(e).__name__}: {e}"}
 
@@ -278,19 +311,21 @@ def _shard_sidecar(path: str) -> str:
 def convert(listing: Listing, out_dir: str, name: str, short_side: int = 256,
             clips_per_shard: int = 256, workers: int | None = None, quality: int = 90,
             max_frames: int = 0, log: Callable = print, progress_stream=sys.stderr,
-            settings: dict | None = None) -> dict:
+            settings: dict | None = None, keep_frozen: bool = False) -> dict:
     """Decodes and writes every listed video; returns the manifest.
 
     A shard is complete when its ``.tfrecord`` and its ``.tfrecord.json`` sidecar
-    (labels, media ids, frame counts, skipped inputs, size and SHA-256) both exist;
-    re-running skips complete shards.  The manifest is written last.  ``settings``
-    (how the listing was made: split, annotations, hold-out fraction) go into the
-    manifest with ``clips_per_shard`` and ``max_frames``, so ``--mode=verify`` can
-    rewrite a damaged shard from the source exactly as it was.
+    (labels, media ids, frame counts, skipped and frozen inputs, size and SHA-256)
+    both exist; re-running skips complete shards.  The manifest is written last.
+    ``settings`` (how the listing was made: split, annotations, hold-out fraction)
+    go into the manifest with ``clips_per_shard`` and ``max_frames``, so
+    ``--mode=verify`` can rewrite a damaged shard from the source exactly as it
+    was.  Frozen videos (module docstring) are skipped unless ``keep_frozen``.
     """
     os.makedirs(out_dir, exist_ok=True)
     workers = workers or min(2, os.cpu_count() or 1)
-    prepare = {**(settings or {}), "clips_per_shard": clips_per_shard, "max_frames": max_frames}
+    prepare = {**(settings or {}), "clips_per_shard": clips_per_shard, "max_frames": max_frames,
+               "keep_frozen": keep_frozen}
     builder = records.ManifestBuilder(name, listing.label_map, extra={
         "short_side": short_side, "source_layout": name, "prepare": prepare})
     builder.skipped.extend(listing.skipped)
@@ -313,17 +348,20 @@ def convert(listing: Listing, out_dir: str, name: str, short_side: int = 256,
                     prog.update_many(len(chunk))
                 else:
                     side = _write_shard(pool, chunk, path, listing.label_map, short_side, quality,
-                                        max_frames, prog)
+                                        max_frames, prog, keep_frozen)
                 labels.extend(side["labels"])
                 shard_clips.append(len(side["labels"]))
                 nframes.extend(side["num_frames"])
                 builder.skipped.extend(side["skipped"])
+                builder.frozen.extend(side.get("frozen", []))
                 digests.append({"bytes": side["bytes"], "sha256": side["sha256"]})
             builder.add_split(split, shards, labels, nframes, shard_clips, digests)
     manifest = builder.write(out_dir)
     total = sum(len(v) for v in by_split.values()) + len(listing.skipped)
     log(f"[prepare] {out_dir}: {sum(s['num_clips'] for s in manifest['splits'].values())} clips "
-        f"written, {manifest['num_skipped']} of {total} inputs skipped (reasons in manifest.json)")
+        f"written, {manifest['num_skipped']} of {total} inputs skipped (reasons in manifest.json); "
+        f"{manifest['num_frozen']} frozen (all decoded frames identical), "
+        f"{'kept' if keep_frozen else 'skipped'}")
     return manifest
 
 
@@ -341,8 +379,9 @@ def _finished_shard(path: str) -> dict | None:
     return side
 
 
-def _write_shard(pool, chunk, path, label_map, short_side, quality, max_frames, prog) -> dict:
-    side = {"labels": [], "media_ids": [], "num_frames": [], "skipped": []}
+def _write_shard(pool, chunk, path, label_map, short_side, quality, max_frames, prog,
+                 keep_frozen=False) -> dict:
+    side = {"labels": [], "media_ids": [], "num_frames": [], "skipped": [], "frozen": []}
     futures = [pool.submit(decode_item, it, short_side, quality, max_frames) for it in chunk]
 
     def gen():
@@ -352,6 +391,14 @@ def _write_shard(pool, chunk, path, label_map, short_side, quality, max_frames, 
                 side["skipped"].append({"source": it.source, "reason": res["error"], "split": it.split})
                 prog.update(False)
                 continue
+            if res.get("frozen"):
+                n = len(res["frames"])
+                side["frozen"].append({"source": it.source, "split": it.split, "num_frames": n})
+                if not keep_frozen:
+                    side["skipped"].append({"source": it.source, "split": it.split, "reason":
+                                            f"frozen: all {n} decoded frames are identical"})
+                    prog.update(False)
+                    continue
             side["labels"].append(it.label)
             side["media_ids"].append(it.media_id)
             side["num_frames"].append(len(res["frames"]))
@@ -369,7 +416,7 @@ def _write_shard(pool, chunk, path, label_map, short_side, quality, max_frames, 
 def prepare(layout: str, source_dir: str | None, data_dir: str, *, short_side: int = 256,
             clips_per_shard: int = 256, workers: int | None = None, max_frames: int = 0,
             ucf_split: int = 1, annotations: Sequence[str] = (), holdout_fraction: float = 0.0,
-            log: Callable = print) -> dict:
+            keep_frozen: bool = False, log: Callable = print) -> dict:
     """``--mode=prepare`` for a real dataset: list it, carve the hold-out split, convert;
     the settings go into the manifest (``--mode=verify`` rewrites shards with them)."""
     if not source_dir:
@@ -382,8 +429,9 @@ def prepare(layout: str, source_dir: str | None, data_dir: str, *, short_side: i
         raise UserError(f"cannot read {layout} from {source_dir}: {e}") from None
     manifest = convert(listing, data_dir, layout, short_side=short_side,
                        clips_per_shard=clips_per_shard, workers=workers, max_frames=max_frames,
-                       log=log, settings={"ucf_split": ucf_split, "annotations": annotations,
-                                          "holdout_fraction": holdout_fraction})
+                       keep_frozen=keep_frozen, log=log,
+                       settings={"ucf_split": ucf_split, "annotations": annotations,
+                                 "holdout_fraction": holdout_fraction})
     if not any(s["num_clips"] for s in manifest["splits"].values()):
         raise UserError(f"no clip of {source_dir} could be converted; "
                         f"see {data_dir}/manifest.json for the reasons")

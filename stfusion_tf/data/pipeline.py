@@ -27,6 +27,11 @@ paper      2      1      eval_short_side^2   the authors' ``test()`` (paper Tabl
 10x3       10     3      eval_short_side^2   the common video-library test protocol
 custom     flags  flags  eval_crop_size      (default: one crop_size centre crop)
 =========  =====  =====  ==================  ======================================
+
+Optional training augmentation (``data/augment.py``, off by default as in the
+paper): RandAugment drawn once per clip (``randaugment="N,M"``), and mixup /
+cutmix (``mixup_alpha`` / ``cutmix_alpha``) with one mixing per clip, after
+which clips leave as float32 and labels as soft one-hot rows.
 """
 
 from __future__ import annotations
@@ -38,10 +43,8 @@ import tensorflow as tf
 from absl import logging
 from official.vision.ops import preprocess_ops_3d as ops3d
 
-from stfusion_tf.data import framing, records
+from stfusion_tf.data import augment, framing, records
 from stfusion_tf.errors import UserError
-
-
 
 SAMPLINGS = ("dense", "segments")
 NUM_CROPS = (1, 3)
@@ -75,6 +78,9 @@ class InputConfig:
     seed: int | None = None
     eval_protocol: str = "custom"
     eval_crop_size: int = 0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    randaugment: str = ""  # "N,M": N ops per clip at magnitude M
 
     def __post_init__(self):
         if self.eval_protocol not in EVAL_PROTOCOLS:
@@ -90,6 +96,12 @@ class InputConfig:
         if not 0 <= self.eval_crop_size <= self.eval_short_side:
             raise UserError(f"eval_crop_size={self.eval_crop_size} must be at most "
                             f"eval_short_side={self.eval_short_side}")
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise UserError("mixup_alpha and cutmix_alpha must be >= 0 (0: off)")
+        try:
+            augment.parse_randaugment(self.randaugment)
+        except ValueError as e:
+            raise UserError(str(e)) from None
         if self.sampling not in SAMPLINGS:
             raise UserError(f"sampling={self.sampling!r}; valid values: {', '.join(SAMPLINGS)}")
         if self.num_crops not in NUM_CROPS:
@@ -110,6 +122,11 @@ class InputConfig:
     @property
     def num_views(self) -> int:
         return self.num_clips * self.num_crops
+
+    @property
+    def mixes(self) -> bool:
+        """Whether training batches are mixed (mixup or cutmix): labels become soft."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
     @property
     def model_frames(self) -> int:
@@ -273,6 +290,9 @@ def preprocess_train(encoded, cfg: InputConfig):
     frames = _decode_random_crop(sample_frames(encoded, cfg, training=True), cfg)
     if cfg.flip:
         frames = ops3d.random_flip_left_right(frames, seed=cfg.seed)
+    ra = augment.parse_randaugment(cfg.randaugment)
+    if ra:
+        frames = augment.randaugment_clip(_to_pixels(frames), *ra)
     if cfg.temporal_pool:
         frames = temporal_pool(frames)
     frames = _to_pixels(frames)
@@ -375,10 +395,12 @@ def _records(files, training: bool, seed, repeat: bool = False,
 
 def train_dataset(data_dir: str, split: str, cfg: InputConfig, repeat: bool = True,
                   data_service: str | None = None, stats: InputStats | None = None,
-                  resync: bool = True) -> tf.data.Dataset:
+                  resync: bool = True, one_hot: bool = False) -> tf.data.Dataset:
     """(clips [B,T,H,W,3] uint8, labels [B] int32), shuffled and repeated.
 
-    With ``data_service`` (grpc://host:port) the pipeline runs on tf.data service
+    With ``one_hot`` or mixing (``cfg.mixes``) labels are [B, classes] float32
+    rows that sum to 1 (mixing also makes the clips float32).  With
+    ``data_service`` (grpc://host:port) the pipeline runs on tf.data service
     workers; ``stats`` (local pipelines only) counts clips dropped as corrupt and
     records lost to damage.  ``resync``: read past damaged records (local pipelines
     only; see ``_records``).
@@ -405,6 +427,12 @@ def train_dataset(data_dir: str, split: str, cfg: InputConfig, repeat: bool = Tr
     ds = ds.map(prep, num_parallel_calls=tf.data.AUTOTUNE, deterministic=False)
     ds = ds.ignore_errors(log_warning=True)
     ds = ds.batch(cfg.batch_size, drop_remainder=True)
+    classes = int(manifest["num_classes"])
+    if cfg.mixes:
+        ds = ds.map(augment.ClipMixer(classes, cfg.mixup_alpha, cfg.cutmix_alpha),
+                    num_parallel_calls=tf.data.AUTOTUNE)
+    elif one_hot:
+        ds = ds.map(lambda x, y: (x, tf.one_hot(y, classes)))
     if data_service:
         from stfusion_tf.data import service
         ds = service.distribute(ds, data_service)

@@ -143,6 +143,7 @@ class ManifestBuilder:
         self.label_map = list(label_map)
         self.splits: dict[str, dict] = {}
         self.skipped: list[dict] = []
+        self.frozen: list[dict] = []  # videos whose decoded frames are all identical
         self.extra = dict(extra or {})
 
     def add_split(self, split: str, shards: list[str], labels: Sequence[int],
@@ -179,6 +180,8 @@ class ManifestBuilder:
             "splits": self.splits,
             "skipped": self.skipped,
             "num_skipped": len(self.skipped),
+            "frozen": self.frozen,
+            "num_frozen": len(self.frozen),
             "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             **self.extra,
         }

@@ -1,0 +1,65 @@
+"""``--mode=summary``: size and cost of a template preset, its uniform strategies, the
+backbones, and of every strategy a run's analysis sampled.
+
+Costs are MACs (multiply-accumulates of convolutions and classifier, one clip;
+FLOPs are about 2x) and trainable parameters, as ``analysis/cost.py`` counts them.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from stfusion_tf import files
+from stfusion_tf.analysis import cost, ranking
+from stfusion_tf.model import backbones
+from stfusion_tf.model import template as tpl
+from stfusion_tf.model.strategy import FusionStrategy
+
+UNIFORM = ("S", "ST", "S+ST")
+
+
+def _gmacs(macs: int) -> float:
+    return round(macs / 1e9, 6)
+
+
+def template_summary(preset: str, config, gate, num_classes: int) -> dict:
+    """Parameter counts of the template and MACs / parameters of its uniform strategies."""
+    model = tpl.build_template(config, num_classes, gate)
+    kernels = int(sum(np.prod(v.shape) for v in model.weights if v.path.endswith("kernel")))
+    costs = cost.template_costs(config, num_classes)
+    strategies = {}
+    for unit in UNIFORM:
+        c = costs.of(FusionStrategy.uniform(costs.positions, unit))
+        strategies[unit] = {"gmacs": _gmacs(c.macs), "params": c.params}
+    return {"preset": preset, "input": list(backbones.input_geometry(model)),
+            "num_classes": num_classes,
+            "positions": len(model.positions), **backbones.count_params(model),
+            "params_conv_fc_kernels": kernels, "template_gmacs": _gmacs(cost.model_macs(model)),
+            "strategies": strategies}
+
+
+def backbone_summary(name: str, cfg: backbones.BackboneConfig, num_classes: int) -> dict:
+    """Parameters and MACs of backbone ``name`` with each uniform unit."""
+    pos = backbones.positions(cfg)
+    row = {"backbone": name, "input": [cfg.num_frames, cfg.crop_size, cfg.crop_size, 3],
+           "positions": len(pos)}
+    for unit in UNIFORM:
+        net = backbones.build_backbone(cfg, FusionStrategy.uniform(pos, unit), num_classes)
+        row[f"params_{unit}"] = backbones.count_params(net)["params_trainable"]
+        row[f"gmacs_{unit}"] = _gmacs(cost.model_macs(net))
+    return row
+
+
+def sampled_strategies(analysis_dir: str) -> list[dict] | None:
+    """MACs, parameters and selection accuracy of every unique strategy in a run's
+    ``ranking.jsonl``, most accurate first; None when there is none."""
+    rows, _ = files.read_jsonl(os.path.join(analysis_dir, "ranking.jsonl"))
+    rows = [r for r in rows if "duplicate_of" not in r]
+    if not rows:
+        return None
+    rows.sort(key=ranking.order)
+    return [{"index": r["index"], "code": r["code"], "video_top1": r["video_top1"],
+             "gmacs": _gmacs(r["macs"]) if "macs" in r else None, "params": r.get("params")}
+            for r in rows]
