@@ -274,13 +274,19 @@ def run_tflite(flatbuffer: bytes, clips: np.ndarray) -> np.ndarray:
     return np.stack(out)
 
 
-def export_tflite(network, name: str, label_map, export_dir: str, log=None) -> str:
-    """Writes ``<export_dir>/tflite/classifier_<name>.tflite`` (see the module docstring)."""
+def export_tflite(network, name: str, label_map, export_dir: str, crop_size: int | None = None,
+                  log=None) -> str:
+    """Writes ``<export_dir>/tflite/classifier_<name>.tflite`` (see the module docstring) for
+    clips of ``crop_size`` (default: the size the network trains on)."""
     if gates_lib.gate_layers(network):
         raise UserError(f"classifier_{name} is the template with masks (its strategy has a 'none' "
                         "unit), which TFLite cannot take; export a strategy without 'none' "
                         "(--strategy=S+ST, or a FusionStrategy JSON)")
     t, s, _, _ = input_geometry(network)
+    s = crop_size or s
+    if s is None:
+        raise UserError(f"classifier_{name} takes any frame size; give the crop size of its "
+                        "TFLite input (--crop_size)")
     flat = _tflite_bytes(network, [1, t, s, s, 3])
     clip = np.random.default_rng(0).uniform(0, 255, (1, t, s, s, 3)).astype(np.float32)
     want = tf.nn.softmax(network(clip, training=False), -1).numpy()

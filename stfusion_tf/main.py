@@ -47,7 +47,8 @@ def run_prepare(data_dir):
                 FLAGS.dataset, FLAGS.source_dir, data_dir, short_side=FLAGS.short_side,
                 clips_per_shard=FLAGS.clips_per_shard, workers=FLAGS.prepare_workers,
                 max_frames=FLAGS.max_frames, ucf_split=int(FLAGS.ucf_split),
-                annotations=FLAGS.annotations, holdout_fraction=FLAGS.holdout_fraction)
+                annotations=FLAGS.annotations, holdout_fraction=FLAGS.holdout_fraction,
+                keep_frozen=FLAGS.keep_frozen_videos)
         manifest = synthetic.prepare_synthetic(data_dir, synthetic.SyntheticSpec(
             name=FLAGS.dataset, num_classes=FLAGS.synthetic_classes,
             num_train=FLAGS.synthetic_train, num_val=FLAGS.synthetic_val,
@@ -56,15 +57,6 @@ def run_prepare(data_dir):
     counts = {k: v["num_clips"] for k, v in manifest["splits"].items()}
     print(f"[prepare] {data_dir}: {counts} clips, {manifest['num_skipped']} skipped, "
           f"{time.time() - t0:.1f}s")
-
-
-def _prepare_real(data_dir):
-    from stfusion_tf.data import convert
-    convert.prepare(FLAGS.dataset, FLAGS.source_dir, data_dir, short_side=FLAGS.short_side,
-                    clips_per_shard=FLAGS.clips_per_shard, workers=FLAGS.prepare_workers,
-                    max_frames=FLAGS.max_frames, ucf_split=int(FLAGS.ucf_split),
-                    annotations=FLAGS.annotations, holdout_fraction=FLAGS.holdout_fraction,
-                    keep_frozen=FLAGS.keep_frozen_videos)
 
 
 def run_verify(data_dir):
@@ -204,7 +196,8 @@ def run_export(data_dir, model_dir, export_dir):
                  export.export_classifier(model, strategy, name, labels, export_dir,
                                           icfg.eval_short_side, icfg.eval_crop, log=say)]
     if FLAGS.tflite:
-        paths.append(export.export_tflite(network, name, labels, export_dir, log=say))
+        paths.append(export.export_tflite(network, name, labels, export_dir, icfg.crop_size,
+                                          log=say))
     print("\n".join(f"[export] {p}" for p in paths))
 
 

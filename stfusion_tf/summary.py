@@ -48,7 +48,7 @@ def backbone_summary(name: str, cfg: backbones.BackboneConfig, num_classes: int)
     for unit in UNIFORM:
         net = backbones.build_backbone(cfg, FusionStrategy.uniform(pos, unit), num_classes)
         row[f"params_{unit}"] = backbones.count_params(net)["params_trainable"]
-        row[f"gmacs_{unit}"] = _gmacs(cost.model_macs(net))
+        row[f"gmacs_{unit}"] = _gmacs(cost.model_macs(net, row["input"]))
     return row
 
 

@@ -75,9 +75,10 @@ def test_full_template_costs_are_the_published_figures():
 def test_backbone_macs_from_the_graph():
     cfg = B.preset("mobilenetv2_tiny")
     pos = B.positions(cfg)
-    s = cost.model_macs(B.build_backbone(cfg, FusionStrategy.uniform(pos, "S"), 4))
-    st = cost.model_macs(B.build_backbone(cfg, FusionStrategy.uniform(pos, "ST"), 4))
-    both = cost.model_macs(B.build_backbone(cfg, FusionStrategy.uniform(pos, "S+ST"), 4))
+    clip = (cfg.num_frames, cfg.crop_size, cfg.crop_size, 3)  # backbones take any frame size
+    s = cost.model_macs(B.build_backbone(cfg, FusionStrategy.uniform(pos, "S"), 4), clip)
+    st = cost.model_macs(B.build_backbone(cfg, FusionStrategy.uniform(pos, "ST"), 4), clip)
+    both = cost.model_macs(B.build_backbone(cfg, FusionStrategy.uniform(pos, "S+ST"), 4), clip)
     # A 3x1x1 branch costs three 1x1x1 branches: S+ST - S = 3 (S - rest) = ST - S + (S - rest).
     assert st - s == 2 * (both - st) and both > st > s > 0
 

@@ -37,10 +37,12 @@ def test_tflite_runs_and_matches_the_saved_model(arch, tmp_path):
         if isinstance(layer, keras.layers.BatchNormalization):
             layer.moving_mean.assign(rng.normal(0, 0.1, layer.moving_mean.shape))
             layer.moving_variance.assign(rng.uniform(0.5, 2.0, layer.moving_variance.shape))
-    saved = export.export_network(network, arch, LABELS, str(tmp_path), eval_short_side=40)
-    path = export.export_tflite(network, arch, LABELS, str(tmp_path))
+    # The networks take any frame size: the exports fix it to the training crop (32).
+    saved = export.export_network(network, arch, LABELS, str(tmp_path), eval_short_side=40,
+                                  crop_size=32)
+    path = export.export_tflite(network, arch, LABELS, str(tmp_path), crop_size=32)
     flat = open(path, "rb").read()
-    clips = rng.uniform(0, 255, (3,) + tuple(network.input_shape[1:])).astype(np.float32)
+    clips = rng.uniform(0, 255, (3, network.input_shape[1], 32, 32, 3)).astype(np.float32)
     serve = tf.saved_model.load(saved).signatures["preprocessed"]
     want = serve(clips=tf.constant(clips))["probabilities"].numpy()
     got = export.run_tflite(flat, clips)

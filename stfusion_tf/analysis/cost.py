@@ -112,22 +112,33 @@ def template_costs(config, num_classes: int) -> TemplateCosts:
     return TemplateCosts(template_positions(config), fixed, tuple(s_costs), tuple(t_costs))
 
 
-def model_macs(model) -> int:
-    """MACs of one clip through a built Keras model, from its layers' output shapes.
+def model_macs(model, input_shape=None) -> int:
+    """MACs of one clip of ``input_shape`` (frames, height, width, channels; default: the
+    geometry the network trains on, ``backbones.input_geometry``) through a built Keras
+    model, from its layers' output shapes.
 
     Counts Conv3D (grouped too), ``DepthwiseConv3D`` and Dense layers, also
     inside Variational DropPath wrappers; the same conventions as
     ``template_costs``.
     """
     import keras
+    from stfusion_tf.model.backbones import input_geometry
     from stfusion_tf.model.gates import VariationalDropPath
     from stfusion_tf.model.layers3d import DepthwiseConv3D
+    shape = tuple(input_shape or input_geometry(model))
+    if None in shape:
+        raise ValueError(f"{model.name} takes any frame size: give model_macs an input_shape")
+    layers = [l for l in model.layers if isinstance(
+        l.layer if isinstance(l, VariationalDropPath) else l,
+        (keras.layers.Conv3D, DepthwiseConv3D, keras.layers.Dense))]
+    # The networks are fully convolutional in space: shapes come from propagating a clip
+    # of this shape through the graph (shape inference only, nothing is computed).
+    probe = keras.Model(model.inputs, [l.output for l in layers])
+    shapes = probe.compute_output_spec(keras.KerasTensor((1, *shape)))
     total = 0
-    for layer in model.layers:
+    for layer, spec in zip(layers, shapes):
         inner = layer.layer if isinstance(layer, VariationalDropPath) else layer
-        if not isinstance(inner, (keras.layers.Conv3D, DepthwiseConv3D, keras.layers.Dense)):
-            continue
-        out = int(np.prod(layer.output.shape[1:]))
+        out = int(np.prod(spec.shape[1:]))
         if isinstance(inner, keras.layers.Conv3D):
             cin = int(inner.kernel.shape[-2])  # already divided by the groups
             total += out * int(np.prod(inner.kernel_size)) * cin
