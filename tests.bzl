@@ -33,6 +33,8 @@ SLOW = [
     "tensorboard",
     "losses",
     "tflite",
+    "compute",
+    "memory",
 ]
 
 def pytest_test(name, src, support, deps, size = "medium"):

@@ -45,7 +45,9 @@ class NonFiniteLossError(RuntimeError):
 
 def inner_optimizers(optimizer) -> list:
     """The optimizers that hold state: a MultiOptimizer's own, or the optimizer itself
-    (the weights' optimizer first)."""
+    (the weights' optimizer first), inside the LossScaleOptimizer of ``mixed_float16``."""
+    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
+        optimizer = optimizer.inner_optimizer
     if isinstance(optimizer, keras.optimizers.MultiOptimizer):
         default = optimizer._optimizer_map.default_optimizer
         return [default] + [o for o in optimizer.optimizers if o is not default]

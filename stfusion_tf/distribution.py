@@ -120,7 +120,9 @@ def _multi_worker_step(model, distribution, global_batch: int):
             ce = tf.nn.compute_average_loss(ce_loss(y, logits), global_batch_size=global_batch)
             reg = tf.add_n(model.losses) if model.losses else tf.constant(0.0)
             loss = ce + reg / replicas
-        grads = tape.gradient(loss, model.trainable_variables)
+            # A LossScaleOptimizer (mixed_float16) scales here and unscales in apply.
+            scaled = model.optimizer.scale_loss(loss)
+        grads = tape.gradient(scaled, model.trainable_variables)
         model.optimizer.apply_gradients(zip(grads, model.trainable_variables))
         m_ce.update_state(y, logits)
         m_acc.update_state(y, logits)

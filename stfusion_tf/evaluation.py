@@ -144,18 +144,23 @@ def plot_confusion(report: dict, title: str = "confusion matrix") -> bytes:
 
 
 def evaluate(model, dataset, total_views: int | None = None, progress_stream=None,
-             protocol: dict | None = None, label_map=None) -> dict:
+             protocol: dict | None = None, label_map=None, jit_compile: bool = False) -> dict:
     """Video-level and clip-level accuracy of a Keras model on an eval dataset of
     (clips, labels, video index); ``protocol`` (``pipeline.protocol``) is put in the
     result, and with ``label_map`` the per-class report (``class_report``) under
     ``"classes"``.  With ``progress_stream`` a progress line (views/s, ETA) is written
-    there."""
+    there.  ``jit_compile``: XLA for the forward pass (``compute.resolve_jit``).
+
+    The network sees one batch of views at a time (``pipeline.eval_dataset``
+    flattens the views of every video into batches) in the current precision
+    policy, so its memory does not grow with the number of views per video.
+    """
     import tensorflow as tf
     from stfusion_tf.progress import Progress
 
-    @tf.function(reduce_retracing=True)
+    @tf.function(reduce_retracing=True, jit_compile=jit_compile)
     def fwd(x):
-        return tf.nn.softmax(model(x, training=False), axis=-1)
+        return tf.nn.softmax(tf.cast(model(x, training=False), tf.float32), axis=-1)
 
     prog = Progress(total_views or 0, "eval", progress_stream) if progress_stream else None
     acc = Accumulator()

@@ -22,6 +22,9 @@ Both are plain ``tf.Module`` SavedModels in TF-Serving layout
   ``preprocessed(clips float32 [B,T',S,S,3])`` -> probabilities, top-k: clips
       already sampled, resized and cropped, as float pixel values in [0, 255].
 
+SavedModels compute in the precision policy the network was built in
+(``--precision``); TFLite always in float32 (``float32_network``).
+
 TFLite (``export_tflite``, gate-free networks only): ``<export_dir>/tflite/
 classifier_<name>.tflite`` computes ``preprocessed``'s probabilities for one
 float32 clip [1,T',S,S,3]; beside it the class names (``.labels.txt``) and what
@@ -229,6 +232,24 @@ def load_network(path: str):
 TFLITE_TOLERANCE = 1e-4
 
 
+def float32_network(network):
+    """``network`` computing in float32, same layers and weights (itself when it already
+    does): a network built or trained under a mixed ``--precision`` for TFLite, which has
+    no bfloat16 kernels.  A Template rebuilds from its config; any other functional model
+    is cloned with every layer's dtype policy set to float32."""
+    from stfusion_tf.compute import precision_scope
+    if all(l.dtype_policy.name == "float32" for l in network._flatten_layers()):
+        return network
+    with precision_scope("float32"):
+        if isinstance(network, Template):
+            clone = Template.from_config(network.get_config())
+        else:
+            clone = keras.models.clone_model(network, clone_function=lambda layer: type(
+                layer).from_config({**layer.get_config(), "dtype": "float32"}))
+    clone.set_weights(network.get_weights())
+    return clone
+
+
 def _tflite_bytes(network, shape) -> bytes:
     """Converts the network's probabilities for one clip, via a SavedModel (the converter
     cannot freeze a Keras 3 model's variables from a concrete function)."""
@@ -282,6 +303,7 @@ def export_tflite(network, name: str, label_map, export_dir: str, crop_size: int
         raise UserError(f"classifier_{name} is the template with masks (its strategy has a 'none' "
                         "unit), which TFLite cannot take; export a strategy without 'none' "
                         "(--strategy=S+ST, or a FusionStrategy JSON)")
+    network = float32_network(network)
     t, s, _, _ = input_geometry(network)
     s = crop_size or s
     if s is None:

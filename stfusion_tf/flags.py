@@ -2,7 +2,8 @@
 against a run's record.
 
 Each group's flags map one-to-one onto the fields of a library config
-dataclass (``InputConfig``, ``GateConfig``, ``TrainConfig``, ``AnalysisConfig``);
+dataclass (``InputConfig``, ``GateConfig``, ``TrainConfig``, ``AnalysisConfig``,
+``ComputeConfig``);
 the configs check themselves, once, and a failed check comes back here to be
 reported with flag names.  Only this module and ``main`` read absl flags.
 
@@ -41,6 +42,8 @@ GATE_OPTIMIZERS = ("shared", "adam", "sgd")  # training.GATE_OPTIMIZERS
 DISTRIBUTIONS = ("default", "mirrored", "multi_worker", "tpu")  # distribution.DISTRIBUTIONS
 FAMILIES = ("ss", "k400", "ucf")  # model.fusion_rules.FAMILIES
 REPAIRS = ("auto", "source", "drop", "none")  # data.verify.REPAIRS
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")  # compute.PRECISIONS
+JIT_COMPILE = ("auto", "true", "false")  # compute.JIT_COMPILE
 
 # -- what to run, where --------------------------------------------------------------------
 flags.DEFINE_enum("mode", "all", MODES, "What to run.")
@@ -194,6 +197,18 @@ flags.DEFINE_integer("keep_checkpoints", 3, "Checkpoints kept.", lower_bound=1)
 flags.DEFINE_integer("seed", 0, "Training seed.")
 flags.DEFINE_enum("distribution", "default", DISTRIBUTIONS, "tf.distribute strategy.")
 flags.DEFINE_string("tpu", "", "TPU address for --distribution=tpu.")
+# -- how networks compute (ComputeConfig): every mode, recorded with the run ------------------
+flags.DEFINE_enum("precision", "float32", PRECISIONS, "Keras dtype policy of every network: "
+                  "float32, or mixed (float32 variables, 16-bit compute; gate logits, drop "
+                  "rates, regulariser, logits and loss stay float32; mixed_float16 trains with "
+                  "dynamic loss scaling).")
+flags.DEFINE_enum("jit_compile", "auto", JIT_COMPILE, "XLA for training, evaluation and "
+                  "strategy scoring (auto: Keras' choice, XLA when a GPU is present and no "
+                  "tf.distribute strategy is active).")
+flags.DEFINE_bool("memory_efficient", False, "Memory-efficient dense layers: recompute each "
+                  "dense layer's concatenation, BN-ReLU and bottleneck in the backward pass "
+                  "instead of storing them (template and DenseNet backbones; same results, "
+                  "less activation memory, some more compute).")
 # -- analysis (AnalysisConfig) ------------------------------------------------------------------
 flags.DEFINE_integer("num_samples", 100, "Strategies sampled for ranking.", lower_bound=1)
 flags.DEFINE_integer("sample_seed", 0, "Seed of the strategy sampler.")
@@ -264,6 +279,8 @@ TRAIN_FLAGS = {"epochs": "epochs", "warmup_epochs": "warmup_epochs",
                "warmup_learning_rate": "warmup_learning_rate",
                "warmup_lr_steps": "warmup_lr_steps", "warmup_weight_decay": "warmup_weight_decay",
                "label_smoothing": "label_smoothing", "ema": "ema", "ema_momentum": "ema_momentum"}
+COMPUTE_FLAGS = {"precision": "precision", "jit_compile": "jit_compile",
+                 "memory_efficient": "memory_efficient"}
 ANALYSIS_FLAGS = {"num_samples": "num_samples", "seed": "sample_seed",
                   "selection_split": "selection_split", "report_split": "report_split",
                   "recalibrate_batches": "recalibrate_batches",
@@ -334,6 +351,11 @@ def analysis_config():
     return _build(report.AnalysisConfig, ANALYSIS_FLAGS)
 
 
+def compute_config():
+    from stfusion_tf import compute
+    return _build(compute.ComputeConfig, COMPUTE_FLAGS)
+
+
 def check() -> None:
     """Builds every config once, so a bad flag stops the run before any work."""
     input_config()
@@ -341,6 +363,7 @@ def check() -> None:
     gate_config()
     train_config()
     analysis_config()
+    compute_config()
     if FLAGS.data_service and not FLAGS.data_service.startswith("grpc://"):
         raise UserError(f"--data_service={FLAGS.data_service!r} must look like grpc://HOST:PORT")
     _check_init()
@@ -377,7 +400,8 @@ def write_record(model_dir: str, data_dir: str) -> dict:
     values = {f.name: f.value for f in _recorded()}
     values["data_dir"] = data_dir if "://" in data_dir else os.path.abspath(data_dir)
     configs = {"input": input_config(), "template": template_config(), "gate": gate_config(),
-               "train": train_config(), "analysis": analysis_config()}
+               "train": train_config(), "analysis": analysis_config(),
+               "compute": compute_config()}
     from stfusion_tf import run_record
     return run_record.write(model_dir, values,
                             {k: dataclasses.asdict(v) for k, v in configs.items()})

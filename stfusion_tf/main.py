@@ -85,7 +85,7 @@ def _train(model_fn, run_dir, data_dir, train_cfg, eval_split, model_file="templ
     return training.train(model, run_dir, data_dir, cli.input_config(), train_cfg, distribution,
                           eval_split=eval_split, verbose=FLAGS.verbose, log=logging.info,
                           data_service=FLAGS.data_service, model_file=model_file,
-                          init_fn=init_fn)
+                          init_fn=init_fn, compute=cli.compute_config())
 
 
 def _template_fn(num_classes, num_train, sync):
@@ -117,9 +117,9 @@ def run_train(data_dir, model_dir):
 
 
 def _load_template(data_dir, model_dir):
-    """The trained template, checked against the input geometry the flags give; a damaged
-    ``template.keras`` is rebuilt from the run's last checkpoint."""
-    from stfusion_tf import training
+    """The trained template (--precision, --memory_efficient), checked against the input
+    geometry the flags give; a damaged ``template.keras`` is rebuilt from its last checkpoint."""
+    from stfusion_tf import compute, training
     from stfusion_tf.data import records
     from stfusion_tf.model import backbones
     try:
@@ -128,6 +128,7 @@ def _load_template(data_dir, model_dir):
         manifest = records.read_manifest(data_dir)
         model = _template_fn(manifest["num_classes"], records.split_size(manifest, "train"), False)
         model = training.rebuild_from_checkpoint(model, model_dir, str(e), log=print)
+    compute.set_memory_efficient(model, FLAGS.memory_efficient)
     icfg = cli.input_config()
     want = (icfg.model_frames, icfg.crop_size, icfg.crop_size)
     have = backbones.input_geometry(model)[:3]
@@ -141,8 +142,8 @@ def _load_template(data_dir, model_dir):
 def run_analyze(data_dir, model_dir):
     from stfusion_tf.analysis import report
     model = _load_template(data_dir, model_dir)
-    result = report.analyze(model, data_dir, model_dir, cli.input_config(),
-                            cli.analysis_config(), log=logging.info)
+    result = report.analyze(model, data_dir, model_dir, cli.input_config(), cli.analysis_config(),
+                            log=logging.info, jit_compile=FLAGS.jit_compile)
     comp = ", ".join(f"{k} {100 * v['video_top1']:.1f}" for k, v in result["comparison"].items())
     moved = result["drop_rate_movement"]
     print(f"[analyze] {model_dir}/analysis/report.md; drop rates moved: {moved['moved']}/"
@@ -278,7 +279,6 @@ def run_aggregate():
           f"{tu[0]:.3f} ± {tu[1]:.3f}; consensus Opt {r['consensus']['code']}")
 
 
-
 def run(mode: str) -> None:
     """Runs ``mode`` (``all``: prepare -> train -> analyze -> export [-> generalize])."""
     from stfusion_tf import lock
@@ -306,6 +306,7 @@ def run(mode: str) -> None:
 
 
 def _run_modes(mode, data_dir, model_dir, export_dir):
+    cli.compute_config().apply()  # --precision, before any network is built or loaded
     if mode in ("train", "all"):
         run_train(data_dir, model_dir)
     if mode in ("analyze", "all"):

@@ -216,10 +216,13 @@ def build_optimizer(cfg: TrainConfig, steps_per_epoch: int,
         keras.optimizers.OptimizerMap(weights, {GATE_VARIABLES: gate}))
 
 
-def compile_model(model, cfg: TrainConfig, steps: int, phase: Phase, soft: bool = False) -> None:
+def compile_model(model, cfg: TrainConfig, steps: int, phase: Phase, soft: bool = False,
+                  jit_compile="auto") -> None:
     """Compiles ``model`` with ``phase``'s optimizer; ``soft``: the labels are one-hot rows
-    (label smoothing, mixup / cutmix)."""
+    (label smoothing, mixup / cutmix); ``jit_compile``: Keras' (``ComputeConfig``).  Under
+    a ``mixed_float16`` policy Keras wraps the optimizer (also a ``MultiOptimizer``) in a
+    ``LossScaleOptimizer`` (``callbacks.inner_optimizers`` looks inside)."""
     model.compile(optimizer=build_optimizer(cfg, steps, phase),
                   loss=losses.make_loss(soft, cfg.label_smoothing),
-                  metrics=losses.make_metrics(soft))
+                  metrics=losses.make_metrics(soft), jit_compile=jit_compile)
     model.optimizer.build(model.trainable_variables)

@@ -25,6 +25,7 @@ import tensorflow as tf
 from stfusion_tf import callbacks as cb
 from stfusion_tf import distribution as dist_lib
 from stfusion_tf import evaluation, files
+from stfusion_tf.compute import ComputeConfig, resolve_jit, set_memory_efficient
 from stfusion_tf.data import pipeline, records
 from stfusion_tf.optimization import (  # noqa: F401  (train() takes a TrainConfig)
     GATE_OPTIMIZERS, OPTIMIZERS, Phase, TrainConfig, build_optimizer, compile_model, phases,
@@ -70,7 +71,8 @@ def train(model: keras.Model, model_dir: str, data_dir: str, input_cfg: pipeline
           cfg: TrainConfig, distribution=None, train_split: str = "train",
           eval_split: str | None = "val", verbose: int = 1, log=print,
           data_service: str | None = None, model_file: str = MODEL_FILE,
-          init_fn=None, callbacks=(), trace_every: int = 50) -> dict:
+          init_fn=None, callbacks=(), trace_every: int = 50,
+          compute: ComputeConfig | None = None) -> dict:
     """Trains (or resumes) ``model`` in ``model_dir``; returns the summary it writes.
 
     ``model`` was built inside ``distribution.scope()`` (default: the default
@@ -85,6 +87,8 @@ def train(model: keras.Model, model_dir: str, data_dir: str, input_cfg: pipeline
     run's own.  The model is saved as ``model_file``; the evaluation of
     ``eval_split`` uses ``input_cfg``'s evaluation protocol; a template's drop rates
     are traced every ``trace_every`` steps (``gate_trace.jsonl``, ``callbacks.GateTrace``).
+    ``compute``: XLA and memory-efficient dense layers (the precision is the policy
+    ``model`` was built in).
     """
     distribution = distribution or tf.distribute.get_strategy()
     os.makedirs(model_dir, exist_ok=True)
@@ -94,6 +98,8 @@ def train(model: keras.Model, model_dir: str, data_dir: str, input_cfg: pipeline
     chief, task_id = dist_lib.worker_role(distribution)
     write_dir = model_dir if chief else os.path.join(model_dir, "_worker_scratch", str(task_id))
     keras.utils.set_random_seed(cfg.seed)
+    compute = compute or ComputeConfig()
+    set_memory_efficient(model, compute.memory_efficient)
     soft = cfg.label_smoothing > 0 or input_cfg.mixes
     start = cb.checkpoint_epoch(os.path.join(model_dir, "checkpoints"))
     init = _initialise(model, model_dir, init_fn, start, chief, log)
@@ -111,7 +117,8 @@ def train(model: keras.Model, model_dir: str, data_dir: str, input_cfg: pipeline
     run_cbs = _callbacks(model, cfg, write_dir, ckpt, stats, trace_ds, trace_every,
                          log) + list(callbacks)
     history, total_steps = _run_phases(model, cfg, distribution, train_ds, start, steps,
-                                       input_cfg.batch_size, ckpt, run_cbs, verbose, log, soft)
+                                       input_cfg.batch_size, ckpt, run_cbs, verbose, log, soft,
+                                       compute.keras_jit_compile)
     if cfg.ema:  # also after a resumed, already finished run (fit did it otherwise; idempotent)
         model.optimizer.finalize_variable_values(model.trainable_variables)
     cb.set_phase(model, variational=cfg.epochs > cfg.warmup_epochs)
@@ -124,7 +131,8 @@ def train(model: keras.Model, model_dir: str, data_dir: str, input_cfg: pipeline
     files.save_keras(model, os.path.join(model_dir, model_file))
     if eval_split:
         summary["eval"] = {eval_split: _evaluate(model, data_dir, eval_split, input_cfg, manifest,
-                                                 verbose, log, model_dir, summary["steps"])}
+                                                 verbose, log, model_dir, summary["steps"],
+                                                 resolve_jit(compute.jit_compile))}
     files.write_json(os.path.join(model_dir, SUMMARY_FILE), summary)
     return summary
 
@@ -145,14 +153,14 @@ def _initialise(model, model_dir, init_fn, start, chief, log) -> dict | None:
 
 
 def _run_phases(model, cfg, distribution, train_ds, start, steps, global_batch, ckpt, callbacks,
-                verbose, log, soft=False) -> tuple[dict, int]:
+                verbose, log, soft=False, jit_compile="auto") -> tuple[dict, int]:
     """Fits each phase from ``start`` on, each with its own optimizer; restores the
     checkpoint into the phase it belongs to.  Returns (history, optimizer steps of the run)."""
     plan = [ph for ph in phases(cfg) if start < ph.end] or [phases(cfg)[-1]]
     history = {}
     for i, ph in enumerate(plan):
         with distribution.scope():
-            compile_model(model, cfg, steps, ph, soft)
+            compile_model(model, cfg, steps, ph, soft, jit_compile)
             ckpt.attach(model)
             if i == 0 and start:
                 # A checkpoint written at a phase's start holds the previous phase's
@@ -202,7 +210,8 @@ def _summary(model, cfg, distribution, chief, steps, n_train, history, total_ste
     return summary
 
 
-def _evaluate(model, data_dir, split, input_cfg, manifest, verbose, log, model_dir, step) -> dict:
+def _evaluate(model, data_dir, split, input_cfg, manifest, verbose, log, model_dir, step,
+              jit=False) -> dict:
     """Accuracy on ``split``; the per-class report goes to ``evaluation/<split>.json`` and its
     confusion matrix to TensorBoard (``eval``)."""
     expected = records.split_size(manifest, split)
@@ -210,7 +219,7 @@ def _evaluate(model, data_dir, split, input_cfg, manifest, verbose, log, model_d
                                  expected * input_cfg.num_views,
                                  progress_stream=sys.stderr if verbose else None,
                                  protocol=pipeline.protocol(input_cfg),
-                                 label_map=manifest["label_map"])
+                                 label_map=manifest["label_map"], jit_compile=jit)
     classes = result.pop("classes")
     result["mean_class_accuracy"] = classes["mean_class_accuracy"]
     files.write_json(os.path.join(model_dir, EVAL_DIR, f"{split}.json"), {**result, **classes})

@@ -73,7 +73,7 @@ def test_flag_choices_are_the_library_tuples():
     """flags.py writes its choice lists out (absl checks flags before TensorFlow loads);
     each must equal the library tuple it stands for."""
     from absl import flags as absl_flags
-    from stfusion_tf import distribution, flags, main, training  # noqa: F401  (defines flags)
+    from stfusion_tf import compute, distribution, flags, main, training  # noqa: F401
     from stfusion_tf.data import convert, pipeline, synthetic, verify
     from stfusion_tf.model import fusion_rules, gates
     from stfusion_tf.model import template as tpl
@@ -89,6 +89,8 @@ def test_flag_choices_are_the_library_tuples():
         "distribution": distribution.DISTRIBUTIONS,
         "fusion_family": ("auto",) + fusion_rules.FAMILIES,
         "repair": verify.REPAIRS,
+        "precision": compute.PRECISIONS,
+        "jit_compile": compute.JIT_COMPILE,
     }
     FLAGS = absl_flags.FLAGS
     for name, choices in library.items():

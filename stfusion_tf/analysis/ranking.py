@@ -54,11 +54,13 @@ class StrategyScorer:
     """
 
     def __init__(self, model, gates: TemplateGates, dataset, recalibration=None,
-                 protocol: dict | None = None, cache_bytes: int = CACHE_BYTES):
+                 protocol: dict | None = None, cache_bytes: int = CACHE_BYTES,
+                 jit_compile: bool = False):
         """``recalibration``: training clips (a dataset of (x, y) batches) used to
         re-estimate BatchNorm statistics of each sub-network before scoring it;
         None keeps the template's statistics, as the authors did.  ``protocol``
-        (``pipeline.protocol``) is what ``dataset``'s views are."""
+        (``pipeline.protocol``) is what ``dataset``'s views are.  ``jit_compile``:
+        XLA for the scoring function (``compute.resolve_jit``)."""
         self.model = model
         self.gates = gates
         self.trace_count = 0
@@ -72,11 +74,12 @@ class StrategyScorer:
         if gates.head is not None:
             gates_lib.set_inference_mode([gates.head], "expected")
 
-        @tf.function(reduce_retracing=True)
+        @tf.function(reduce_retracing=True, jit_compile=jit_compile)
         def _forward(mask, x):
             self.trace_count += 1
             self.gates.set_mask(tf.unstack(tf.reshape(mask, [-1, 2])))
-            return tf.nn.softmax(self.model(x, training=False), axis=-1)
+            logits = tf.cast(self.model(x, training=False), tf.float32)
+            return tf.nn.softmax(logits, axis=-1)
 
         @tf.function(reduce_retracing=True)
         def _bn_update(mask, x):

@@ -20,7 +20,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from stfusion_tf import evaluation, files
+from stfusion_tf import compute, evaluation, files
 from stfusion_tf.analysis import budget, cost
 from stfusion_tf.analysis import marginals as marg
 from stfusion_tf.analysis import ranking
@@ -108,12 +108,13 @@ def _scorer(model, gates, data_dir, split, input_cfg, **kwargs):
                                   protocol=pipeline.protocol(input_cfg), **kwargs)
 
 
-def _recalibrated_ranking(model, gates, data_dir, input_cfg, cfg, rates, ranked, out, log) -> dict:
+def _recalibrated_ranking(model, gates, data_dir, input_cfg, cfg, rates, ranked, out, log,
+                          jit_compile=False) -> dict:
     """Ranks the same samples with BatchNorm re-estimated per sub-network; compares."""
     from scipy import stats
     recal_ds = pipeline.train_dataset(data_dir, cfg.train_split, input_cfg).take(cfg.recalibrate_batches)
     scorer = _scorer(model, gates, data_dir, cfg.selection_split, selection_input(input_cfg, cfg),
-                     recalibration=recal_ds)
+                     recalibration=recal_ds, jit_compile=jit_compile)
     rows = ranking.rank(scorer, gates.positions, rates, cfg.num_samples, cfg.seed,
                         os.path.join(out, "ranking_bn_recalibrated.jsonl"), log=log)
     plain = {r["index"]: r["video_top1"] for r in ranked}
@@ -161,7 +162,11 @@ def _compare(rep, opt: FusionStrategy, costs, label_map) -> tuple[dict, dict]:
 
 
 def analyze(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfig,
-            cfg: AnalysisConfig, log=print) -> dict:
+            cfg: AnalysisConfig, log=print, jit_compile=False) -> dict:
+    """Marginals, ranking, Opt vs uniform strategies and the report of a trained template,
+    in the current precision policy; ``jit_compile`` (a bool or ``ComputeConfig``'s
+    "auto" / "true" / "false"): XLA for strategy scoring."""
+    jit_compile = compute.resolve_jit(jit_compile)
     out = os.path.join(model_dir, "analysis")
     os.makedirs(out, exist_ok=True)
     manifest = records.read_manifest(data_dir)
@@ -175,7 +180,8 @@ def analyze(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfi
     files.write_text(os.path.join(out, "marginals.json"), marg.to_json(rows))
     files.write_text(os.path.join(out, "marginals.csv"), marg.to_csv(rows))
 
-    sel = _scorer(model, gates, data_dir, cfg.selection_split, selection_input(input_cfg, cfg))
+    sel = _scorer(model, gates, data_dir, cfg.selection_split, selection_input(input_cfg, cfg),
+                  jit_compile=jit_compile)
     ranked = ranking.rank(sel, positions, rates, cfg.num_samples, cfg.seed,
                           os.path.join(out, "ranking.jsonl"), log=log,
                           cost_fn=costs.row if costs else None)
@@ -184,11 +190,12 @@ def analyze(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfi
     opt.save(os.path.join(out, "opt_strategy.json"))
     recal = None
     if cfg.recalibrate_batches > 0:
-        recal = _recalibrated_ranking(model, gates, data_dir, input_cfg, cfg, rates, ranked, out, log)
+        recal = _recalibrated_ranking(model, gates, data_dir, input_cfg, cfg, rates, ranked, out,
+                                      log, jit_compile)
     pngs = {"marginals_with_opt": ("marginals.png", marg.plot(
         positions, rates, best=opt, title=f"{manifest['name']}: layer-level marginals (bars) and "
         "best sampled strategy (dots)"))}
-    rep = _scorer(model, gates, data_dir, cfg.report_split, input_cfg)
+    rep = _scorer(model, gates, data_dir, cfg.report_split, input_cfg, jit_compile=jit_compile)
     comparison, classes = _compare(rep, opt, costs, manifest["label_map"])
     pngs["opt_confusion_matrix"] = (None, evaluation.plot_confusion(
         classes, f"Opt on {cfg.report_split}: confusion matrix (video level)"))

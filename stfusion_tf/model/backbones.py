@@ -277,10 +277,11 @@ def build_backbone(cfg: BackboneConfig, strategy: FusionStrategy, num_classes: i
     inputs = keras.Input((cfg.num_frames, None, None, 3), name="clip")
     x = PixelNormalization(name="input_norm")(inputs)
     x = (_resnet if cfg.arch == "resnet" else _mobilenetv2)(b, x, pos)
-    x = keras.layers.GlobalAveragePooling3D(name="avg_pool")(x)
+    # Pooled features and logits in float32 under any precision policy (as the template).
+    x = keras.layers.GlobalAveragePooling3D(name="avg_pool", dtype="float32")(x)
     if cfg.dropout > 0:
-        x = PhaseDropout(cfg.dropout, name="head_dropout")(x)
-    logits = keras.layers.Dense(num_classes, name="predictions")(x)
+        x = PhaseDropout(cfg.dropout, name="head_dropout", dtype="float32")(x)
+    logits = keras.layers.Dense(num_classes, name="predictions", dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)
 
 

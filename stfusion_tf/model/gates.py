@@ -131,6 +131,10 @@ class VariationalDropPath(keras.layers.Wrapper):
     def __init__(self, layer, init_drop_rate=0.1, temperature=0.2, rescale=False,
                  noise="path", regularizer="code", length_scale=1.0,
                  dataset_size=1, weight_term="norm", **kwargs):
+        # No autocast: under a mixed precision policy the drop logits, the relaxed
+        # sample and the regulariser (which reads the kernel) stay float32; the
+        # wrapped layer still computes in the policy's compute dtype.
+        kwargs["autocast"] = False
         super().__init__(layer, **kwargs)
         check_gate_args(init_drop_rate, temperature, regularizer, length_scale, dataset_size,
                         weight_term)
@@ -149,9 +153,10 @@ class VariationalDropPath(keras.layers.Wrapper):
         logit = math.log(self.init_drop_rate / (1.0 - self.init_drop_rate))
         self.p_logit = self.add_weight(
             name="p_logit", shape=(), initializer=keras.initializers.Constant(logit),
-            trainable=True)
+            trainable=True, dtype="float32", autocast=False)
         self.mask = self.add_weight(
-            name="mask", shape=(), initializer="ones", trainable=False)
+            name="mask", shape=(), initializer="ones", trainable=False, dtype="float32",
+            autocast=False)
         self.enabled = self.add_weight(
             name="enabled", shape=(), dtype="int32", initializer="ones", trainable=False)
         self.inference_mode = self.add_weight(
@@ -171,7 +176,7 @@ class VariationalDropPath(keras.layers.Wrapper):
         if self.weight_term == "prior":
             n = float(np.prod(self.layer.kernel.shape))
             return tf.constant(n / max(self.length_scale, _EPS) ** 2)
-        return tf.reduce_sum(tf.square(tf.convert_to_tensor(self.layer.kernel)))
+        return tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(self.layer.kernel), tf.float32)))
 
     def regularization(self):
         """The variational regulariser of this gate (a scalar tensor)."""
@@ -201,45 +206,56 @@ class VariationalDropPath(keras.layers.Wrapper):
     def _keep_scale(self, p):
         return 1.0 / (1.0 - p) if self.rescale else 1.0
 
-    def _relaxed(self, x, p):
-        dist = StableRelaxedBernoulli(self.temperature, logits=self.p_logit)
-        drop = tf.cast(dist.sample(self._noise_shape(x)), x.dtype)
-        return x * (1.0 - drop) * tf.cast(self._keep_scale(p), x.dtype)
+    def _relaxed(self, shape, p):
+        dist = StableRelaxedBernoulli(self.temperature, logits=tf.convert_to_tensor(self.p_logit))
+        return (1.0 - dist.sample(shape)) * self._keep_scale(p)
 
-    def _hard(self, x, p):
-        u = tf.random.uniform(self._noise_shape(x), dtype=x.dtype)
-        keep = tf.cast(u >= tf.cast(p, x.dtype), x.dtype)
-        return x * keep * tf.cast(self._keep_scale(p), x.dtype)
+    def _hard(self, shape, p):
+        keep = tf.cast(tf.random.uniform(shape) >= p, tf.float32)
+        return keep * self._keep_scale(p)
 
-    def _expected(self, x, p):
-        if self.rescale:
-            return x
-        return x * tf.cast(1.0 - p, x.dtype)
+    def _expected(self, p):
+        return tf.constant(1.0) if self.rescale else 1.0 - p
 
-    def call(self, inputs, training=None):
-        x = inputs
+    def multiplier(self, x, training=None):
+        """(factor, regulariser): the gate's output is ``layer(x * factor)``.
+
+        The factor is float32 with the noise shape of ``x`` ([B,1,1,1,1] for a
+        path gate); the regulariser is a float32 scalar in training, else None.
+        Everything here stays float32 whatever the layer's compute dtype: the
+        drop logits, the relaxed sample and the regulariser.
+        """
+        shape = self._noise_shape(x)
         p = self.drop_rate
+        ones = tf.ones(shape)
+        mask = tf.broadcast_to(tf.cast(tf.convert_to_tensor(self.mask), tf.float32), shape)
         enabled = tf.equal(tf.convert_to_tensor(self.enabled), 1)
+        mode = tf.convert_to_tensor(self.inference_mode)
         if training:
             # A fixed strategy (mask mode) also holds in training: fine-tuning or
             # re-calibrating BatchNorm of one sub-network, with no regulariser.
-            fixed = tf.equal(tf.convert_to_tensor(self.inference_mode), 1)
-            mask = tf.cast(tf.convert_to_tensor(self.mask), x.dtype)
+            fixed = tf.equal(mode, 1)
+            factor = tf.cond(fixed, lambda: mask, lambda: tf.cond(
+                enabled, lambda: self._relaxed(shape, p), lambda: ones))
             variational = tf.logical_and(enabled, tf.logical_not(fixed))
-            gated = tf.cond(fixed, lambda: x * mask,
-                            lambda: tf.cond(enabled, lambda: self._relaxed(x, p), lambda: tf.identity(x)))
-            reg = tf.cond(variational, self.regularization, lambda: tf.constant(0.0))
+            return factor, tf.cond(variational, self.regularization, lambda: tf.constant(0.0))
+        factor = tf.switch_case(mode, [
+            lambda: tf.cond(enabled, lambda: ones * self._expected(p), lambda: ones),
+            lambda: mask,
+            lambda: tf.cond(enabled, lambda: self._hard(shape, p), lambda: ones),
+            lambda: ones,
+        ])
+        return factor, None
+
+    def call(self, inputs, training=None, multiplier_only=False):
+        """``layer(inputs * factor)``; with ``multiplier_only`` the factor alone (the
+        memory-efficient dense layers apply it inside their recomputed segment)."""
+        factor, reg = self.multiplier(inputs, training)
+        if reg is not None:
             self.add_loss(reg)
-        else:
-            mode = tf.convert_to_tensor(self.inference_mode)
-            mask = tf.cast(tf.convert_to_tensor(self.mask), x.dtype)
-            gated = tf.switch_case(mode, [
-                lambda: tf.cond(enabled, lambda: self._expected(x, p), lambda: tf.identity(x)),
-                lambda: x * mask,
-                lambda: tf.cond(enabled, lambda: self._hard(x, p), lambda: tf.identity(x)),
-                lambda: tf.identity(x),
-            ])
-        return self.layer(gated)
+        if multiplier_only:
+            return factor
+        return self.layer(inputs * tf.cast(factor, inputs.dtype))
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)

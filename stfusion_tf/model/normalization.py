@@ -35,7 +35,7 @@ class PixelNormalization(keras.layers.Layer):
         shape = tf.shape(x)
         flat = tf.reshape(x, tf.concat([[-1], shape[-3:]], 0))  # conv2d wants rank 4
         y = tf.nn.bias_add(tf.nn.conv2d(flat, tf.reshape(kernel, [1, 1, 3, 3]), 1, "VALID"), offset)
-        return tf.reshape(y, shape)
+        return tf.cast(tf.reshape(y, shape), self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         return input_shape

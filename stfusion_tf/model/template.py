@@ -32,6 +32,7 @@ import dataclasses
 import keras
 
 from stfusion_tf.errors import UserError
+from stfusion_tf.model import memory
 from stfusion_tf.model.dropout import PhaseDropout
 from stfusion_tf.model.gates import VariationalDropPath, check_gate_args, gate_layers
 from stfusion_tf.model.normalization import PixelNormalization
@@ -146,12 +147,12 @@ def _conv(filters, kernel, name, strides=(1, 1, 1), padding="same"):
                                use_bias=False, kernel_initializer="he_normal", name=name)
 
 
-def _gate(layer, gate: GateConfig, name, noise="path"):
+def _gate(layer, gate: GateConfig, name, noise="path", dtype=None):
     return VariationalDropPath(
         layer, init_drop_rate=gate.init_drop_rate, temperature=gate.temperature,
         rescale=gate.rescale, noise=noise, regularizer=gate.regularizer,
         length_scale=gate.length_scale, dataset_size=gate.dataset_size,
-        weight_term=gate.weight_term, name=name)
+        weight_term=gate.weight_term, name=name, dtype=dtype)
 
 
 def _fusion_unit(x, position, filters, gate: GateConfig, sync=False, unit=None, tpad="zeros"):
@@ -205,11 +206,14 @@ def _graph(config: TemplateConfig, num_classes: int, gate: GateConfig, sync: boo
             x = keras.layers.AveragePooling3D((pool_t, 2, 2), strides=(pool_t, 2, 2),
                                               name=f"t{b}_pool")(x)
     x = keras.layers.ReLU(name="head_relu")(_bn("head_bn", sync)(x))
-    x = keras.layers.GlobalAveragePooling3D(name="head_pool")(x)
+    # The head runs in float32 under any precision policy: pooled features, dropout,
+    # the classifier and its gate, so logits and the loss are float32.
+    x = keras.layers.GlobalAveragePooling3D(name="head_pool", dtype="float32")(x)
     if config.dropout > 0:
-        x = PhaseDropout(config.dropout, name="head_dropout")(x)
-    dense = keras.layers.Dense(num_classes, name="classifier")
-    logits = dense(x) if strategy is not None else _gate(dense, gate, "head_gate", noise="feature")(x)
+        x = PhaseDropout(config.dropout, name="head_dropout", dtype="float32")(x)
+    dense = keras.layers.Dense(num_classes, name="classifier", dtype="float32")
+    logits = dense(x) if strategy is not None else _gate(dense, gate, "head_gate", noise="feature",
+                                                          dtype="float32")(x)
     return inputs, logits
 
 
@@ -242,13 +246,22 @@ class Template(keras.Model):
 
     def __init__(self, config: TemplateConfig, num_classes: int, gate: GateConfig = GateConfig(),
                  strategy: FusionStrategy | None = None, synchronized_bn: bool = False,
-                 name: str = "template", **kwargs):
+                 name: str = "template", memory_efficient: bool = False, **kwargs):
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
         inputs, logits = _graph(config, num_classes, gate, synchronized_bn, strategy)
         super().__init__(inputs=inputs, outputs=logits, name=name, **kwargs)
         self.config, self.gate_config, self.strategy = config, gate, strategy
         self.num_classes, self.synchronized_bn = int(num_classes), bool(synchronized_bn)
+        #: Training calls recompute the dense layers' concatenation, BN-ReLU and
+        #: bottleneck in the backward pass (``model/memory.py``): same layers, weights
+        #: and results, less memory.  Read when a call is traced: set it before compiling.
+        self.memory_efficient = bool(memory_efficient)
+
+    def call(self, inputs, training=None, mask=None):
+        if training and self.memory_efficient:
+            return memory.run(self, inputs, training)
+        return super().call(inputs, training=training, mask=mask)
 
     @property
     def positions(self) -> tuple[str, ...]:
@@ -259,7 +272,7 @@ class Template(keras.Model):
                 "config": dataclasses.asdict(self.config), "num_classes": self.num_classes,
                 "gate": dataclasses.asdict(self.gate_config),
                 "strategy": None if self.strategy is None else self.strategy.to_dict(),
-                "synchronized_bn": self.synchronized_bn}
+                "synchronized_bn": self.synchronized_bn, "memory_efficient": self.memory_efficient}
 
     @classmethod
     def from_config(cls, config, custom_objects=None):
@@ -274,10 +287,11 @@ class Template(keras.Model):
 def build_template(config: TemplateConfig, num_classes: int,
                    gate: GateConfig = GateConfig(), name: str = "template",
                    synchronized_bn: bool = False,
-                   strategy: FusionStrategy | None = None) -> Template:
+                   strategy: FusionStrategy | None = None,
+                   memory_efficient: bool = False) -> Template:
     """The template network of ``config`` (see ``Template``)."""
     return Template(config, num_classes, gate, strategy=strategy,
-                    synchronized_bn=synchronized_bn, name=name)
+                    synchronized_bn=synchronized_bn, name=name, memory_efficient=memory_efficient)
 
 
 def layers_by_name(model: keras.Model) -> dict:

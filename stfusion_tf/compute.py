@@ -1,0 +1,94 @@
+"""How a network computes: numeric precision, XLA and memory-efficient dense layers
+(``--precision``, ``--jit_compile``, ``--memory_efficient``).
+
+* ``precision``: a Keras dtype policy.  ``mixed_bfloat16`` / ``mixed_float16``
+  keep every variable in float32 and compute convolutions, BatchNorm outputs and
+  activations in 16 bits; the gates' drop logits, relaxed samples and
+  regulariser, the pooled head features, the logits and the loss stay float32.
+  ``mixed_float16`` trains with dynamic loss scaling (Keras' ``LossScaleOptimizer``).
+  The policy is set globally before a model is built or loaded: every mode
+  (train, analyze, export, generalize, fidelity) computes in it (a TFLite export
+  is float32: ``export.float32_network``).  Weights do not
+  depend on it: a template trained in one precision loads in any other.
+* ``jit_compile``: passed to ``model.compile`` (``auto``: Keras' choice, XLA when
+  a GPU is present and no tf.distribute strategy is active) and used the same way
+  by evaluation and strategy scoring.
+* ``memory_efficient``: the template's dense layers recompute their
+  concatenation, BN-ReLU and bottleneck in the backward pass (``model/memory.py``).
+  Only training calls change; ResNet / MobileNetV2 backbones have no dense
+  layers and ignore it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+
+from stfusion_tf.errors import UserError
+
+PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
+JIT_COMPILE = ("auto", "true", "false")
+
+
+@dataclasses.dataclass(frozen=True)
+class ComputeConfig:
+    precision: str = "float32"
+    jit_compile: str = "auto"
+    memory_efficient: bool = False
+
+    def __post_init__(self):
+        if self.precision not in PRECISIONS:
+            raise UserError(f"precision={self.precision!r}; valid values: {', '.join(PRECISIONS)}")
+        if self.jit_compile not in JIT_COMPILE:
+            raise UserError(f"jit_compile={self.jit_compile!r}; valid values: "
+                            f"{', '.join(JIT_COMPILE)}")
+
+    @property
+    def keras_jit_compile(self):
+        """The ``jit_compile`` argument of ``model.compile``: "auto", True or False."""
+        return {"auto": "auto", "true": True, "false": False}[self.jit_compile]
+
+    def apply(self) -> None:
+        """Sets the global Keras dtype policy: models built or loaded afterwards use it."""
+        set_precision(self.precision)
+
+
+def set_precision(precision: str) -> None:
+    import keras
+    if precision not in PRECISIONS:
+        raise UserError(f"precision={precision!r}; valid values: {', '.join(PRECISIONS)}")
+    keras.mixed_precision.set_global_policy(precision)
+
+
+@contextlib.contextmanager
+def precision_scope(precision: str):
+    """Builds and runs models under ``precision`` inside the block, then restores the policy."""
+    import keras
+    previous = keras.mixed_precision.global_policy().name
+    set_precision(precision)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def resolve_jit(jit_compile) -> bool:
+    """``jit_compile`` ("auto"/"true"/"false" or a bool) for a ``tf.function`` of our own:
+    "auto" is XLA when a GPU or TPU is present and no tf.distribute strategy is active,
+    as Keras resolves it for ``model.compile``."""
+    import tensorflow as tf
+    if isinstance(jit_compile, bool):
+        return jit_compile
+    if jit_compile != "auto":
+        return jit_compile == "true"
+    accelerators = [d for d in tf.config.list_physical_devices() if d.device_type != "CPU"]
+    return bool(accelerators) and not tf.distribute.has_strategy()
+
+
+def set_memory_efficient(model, enabled: bool) -> bool:
+    """Turns memory-efficient dense layers on or off for ``model`` (before it is compiled);
+    returns whether the model has them (a Template or DenseNet backbone)."""
+    if not hasattr(model, "memory_efficient"):
+        return False
+    model.memory_efficient = bool(enabled)
+    return True

@@ -1,0 +1,199 @@
+"""Memory-efficient dense layers: ``Template(memory_efficient=True)``, ``--memory_efficient``.
+
+A DenseNet keeps, for its backward pass, each dense layer's concatenated input
+and the BN-ReLU outputs computed from it: several tensors per layer as wide as
+everything the block has produced so far, so activation memory grows with the
+square of a block's depth.  Memory-efficient DenseNets (Pleiss et al. 2017;
+torchvision's ``memory_efficient``) store only each layer's new feature map and
+recompute the concatenation, BN-ReLU and bottleneck convolution in the backward
+pass.
+
+``run`` (called by ``Template.call`` in training) runs the template's own
+functional graph, the same layers and weights, through an interpreter that
+treats a dense block lazily:
+
+* a block's ``Concatenate`` gives the list of its feature maps, not one tensor;
+* a ``BatchNormalization`` of such a list and the ``ReLU`` (and temporal
+  ``Pad3D``) after it stay pending.  Batch statistics are per channel, so the
+  moments of each feature map are computed once and shared by every BN of the
+  block that reads it (the plain graph recomputes them in each BN); moving
+  statistics are updated once per BN, outside the recomputed part, with Keras'
+  formula;
+* the gated (or gate-free) bottleneck convolutions that read it, summed, run as
+  one segment, concat -> BN -> ReLU -> x gate factor -> conv (each branch) -> sum,
+  under ``tf.recompute_grad``: only the feature maps and a few per-channel
+  vectors are kept for the backward pass.  The gates draw their noise and add
+  their regulariser outside the segment, so the recomputation sees the same
+  sample.
+
+Any other consumer of a pending value gets it materialised.  Outputs and
+gradients equal the plain graph's up to float rounding (tests/test_memory.py).
+"""
+
+from __future__ import annotations
+
+import keras
+import tensorflow as tf
+
+from stfusion_tf.model.gates import VariationalDropPath
+from stfusion_tf.model.layers3d import Pad3D
+
+_AXES = [0, 1, 2, 3]
+
+
+class _Features:
+    """A dense block's concatenation, kept as the list of its feature maps."""
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+
+
+class _BNReLU:
+    """Pending relu(bn(concat(parts))), then temporal padding: ``relu`` says
+    whether the ReLU has been applied yet."""
+
+    def __init__(self, features: _Features, bn, relu=False, pads=()):
+        self.features, self.bn, self.relu, self.pads = features, bn, relu, tuple(pads)
+
+
+class _Branch:
+    """Pending conv(_BNReLU x factor): one bottleneck branch (factor None: no gate)."""
+
+    def __init__(self, source: _BNReLU, conv, factor):
+        self.source, self.conv, self.factor = source, conv, factor
+
+
+def _plain_bn(layer) -> bool:
+    return (isinstance(layer, keras.layers.BatchNormalization) and layer.axis in (-1, 4)
+            and layer.center and layer.scale and not layer.renorm)
+
+
+def _plain_relu(layer) -> bool:
+    return (isinstance(layer, keras.layers.ReLU) and layer.max_value is None
+            and not layer.negative_slope and not layer.threshold)
+
+
+class _Interpreter:
+    """The ``operation_fn`` of ``Function._run_through_graph`` for one training call."""
+
+    def __init__(self, training):
+        self.training = training
+        self.moments = {}  # (tensor ref, synchronized) -> (mean, variance), float32
+        self.affine = {}  # id(bn) -> (scale, offset), float32
+
+    def operation_fn(self, op):
+        def call(*args, **kwargs):
+            return self.dispatch(op, args, kwargs)
+        return call
+
+    def dispatch(self, op, args, kwargs):
+        x = args[0] if args else None
+        if isinstance(op, keras.layers.Concatenate) and op.axis in (-1, 4) and \
+                all(isinstance(t, _Features) or tf.is_tensor(t) for t in x):
+            return _Features([p for t in x for p in (t.parts if isinstance(t, _Features) else [t])])
+        if isinstance(x, _Features) and _plain_bn(op) and self.training and op.trainable:
+            return _BNReLU(x, op)
+        if isinstance(x, _BNReLU) and not x.relu and _plain_relu(op):
+            return _BNReLU(x.features, x.bn, True)
+        if isinstance(x, _BNReLU) and x.relu:
+            if isinstance(op, Pad3D):
+                return _BNReLU(x.features, x.bn, True, x.pads + (op,))
+            if isinstance(op, VariationalDropPath):
+                factor = op(x.features.parts[0], training=self.training, multiplier_only=True)
+                return _Branch(x, op.layer, factor)
+            if isinstance(op, keras.layers.Conv3D):
+                return _Branch(x, op, None)
+        if isinstance(op, keras.layers.Add) and all(isinstance(b, _Branch) for b in x) and \
+                len({id(b.source.features) for b in x}) == 1:
+            return self.segment(list(x))
+        args, kwargs = tf.nest.map_structure(self.materialise, (args, kwargs))
+        if "training" in getattr(op, "_call_context_args", ()) and self.training is not None:
+            kwargs["training"] = self.training
+        return op(*args, **kwargs)
+
+    # -- values -----------------------------------------------------------------------
+    def materialise(self, value):
+        if isinstance(value, _Features):
+            return _concat(value.parts)
+        if isinstance(value, _BNReLU):
+            scale, offset = self.bn_affine(value.bn, value.features)
+            x = _concat(value.features.parts)
+            z = x * tf.cast(scale, x.dtype) + tf.cast(offset, x.dtype)
+            if value.relu:
+                z = tf.nn.relu(z)
+            for pad in value.pads:
+                z = pad(z)
+            return z
+        if isinstance(value, _Branch):
+            return self.segment([value])
+        return value
+
+    def part_moments(self, part, synchronized: bool):
+        key = (part.ref(), synchronized)
+        if key not in self.moments:
+            self.moments[key] = keras.ops.moments(tf.cast(part, tf.float32), _AXES,
+                                                  synchronized=synchronized)
+        return self.moments[key]
+
+    def bn_affine(self, bn, features: _Features):
+        """(scale, offset) with bn(x) = x * scale + offset, float32, per channel.
+
+        The batch moments come from the feature maps' shared moments; the moving
+        statistics are updated here, once per call, as ``BatchNormalization`` does.
+        """
+        if id(bn) in self.affine:
+            return self.affine[id(bn)]
+        moments = [self.part_moments(p, bn.synchronized) for p in features.parts]
+        mean = tf.concat([m for m, _ in moments], 0)
+        variance = tf.concat([v for _, v in moments], 0)
+        bn.moving_mean.assign(bn.moving_mean * bn.momentum + mean * (1.0 - bn.momentum))
+        bn.moving_variance.assign(bn.moving_variance * bn.momentum
+                                  + variance * (1.0 - bn.momentum))
+        # As tf.nn.batch_normalization: x * inv + (beta - mean * inv).
+        scale = tf.math.rsqrt(variance + bn.epsilon) * tf.convert_to_tensor(bn.gamma)
+        offset = tf.convert_to_tensor(bn.beta) - mean * scale
+        self.affine[id(bn)] = (scale, offset)
+        return scale, offset
+
+    def segment(self, branches: list[_Branch]):
+        """sum_b conv_b(relu(concat(parts) * scale_b + offset_b) * factor_b) under
+        ``tf.recompute_grad``.
+
+        A gate factor is >= 0, so relu(z) * f = relu(z * f): it is folded into the
+        BN scale and offset (per sample and channel), saving a pass over the tensor.
+        """
+        parts = branches[0].source.features.parts
+        args = list(parts)
+        for b in branches:
+            scale, offset = self.bn_affine(b.source.bn, b.source.features)
+            if b.factor is not None:
+                scale, offset = scale * b.factor, offset * b.factor
+            args += [scale, offset]
+        n = len(parts)
+
+        def forward(*tensors):
+            x = _concat(tensors[:n])
+            out = None
+            for i, b in enumerate(branches):
+                scale, offset = tensors[n + 2 * i], tensors[n + 2 * i + 1]
+                z = tf.nn.relu(x * tf.cast(scale, x.dtype) + tf.cast(offset, x.dtype))
+                for pad in b.source.pads:
+                    z = pad(z)
+                y = b.conv(z)
+                out = y if out is None else out + y
+            return out
+
+        return tf.recompute_grad(forward)(*args)
+
+
+def _concat(parts):
+    parts = list(parts)
+    return parts[0] if len(parts) == 1 else tf.concat(parts, -1)
+
+
+def run(model, inputs, training):
+    """The output of ``model`` (a functional Template) on ``inputs`` in training,
+    with memory-efficient dense layers."""
+    inputs = model._standardize_inputs(inputs)
+    outputs = model._run_through_graph(inputs, operation_fn=_Interpreter(training).operation_fn)
+    return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
