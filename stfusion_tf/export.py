@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 
 import keras
@@ -215,6 +216,12 @@ def resolve_strategy(spec: str, model_dir: str, positions) -> tuple[str, FusionS
         return os.path.splitext(os.path.basename(spec))[0], FusionStrategy.load(spec)
     raise UserError(f"--strategy={spec!r}: valid values are opt, S, ST, S+ST or the path of a "
                     "FusionStrategy JSON file")
+
+
+def network_name(path: str) -> str:
+    """``.../generalize/<backbone>/<spec>/model.keras`` -> ``<backbone>_<spec>``."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    return re.sub(r"[^\w.-]+", "_", "_".join(parts[-3:-1]))
 
 
 def load_network(path: str):

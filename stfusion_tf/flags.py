@@ -356,6 +356,29 @@ def compute_config():
     return _build(compute.ComputeConfig, COMPUTE_FLAGS)
 
 
+def synthetic_spec():
+    """The embedded dataset ``--dataset`` names, at the --synthetic_* sizes."""
+    from stfusion_tf.data import synthetic
+    return synthetic.SyntheticSpec(
+        name=FLAGS.dataset, num_classes=FLAGS.synthetic_classes, num_train=FLAGS.synthetic_train,
+        num_val=FLAGS.synthetic_val, num_test=FLAGS.synthetic_test,
+        num_frames=FLAGS.synthetic_frames, size=FLAGS.synthetic_size, seed=FLAGS.data_seed)
+
+
+def backbone_overrides() -> dict:
+    """What a backbone preset takes from the run: its clip, stem stride and dropout."""
+    return {"num_frames": input_config().model_frames, "crop_size": FLAGS.crop_size,
+            "temporal_stride": FLAGS.backbone_temporal_stride, "dropout": FLAGS.dropout}
+
+
+def convert_settings() -> dict:
+    """Keyword arguments of ``convert.prepare`` for a real dataset."""
+    return {"short_side": FLAGS.short_side, "clips_per_shard": FLAGS.clips_per_shard,
+            "workers": FLAGS.prepare_workers, "max_frames": FLAGS.max_frames,
+            "ucf_split": int(FLAGS.ucf_split), "annotations": FLAGS.annotations,
+            "holdout_fraction": FLAGS.holdout_fraction, "keep_frozen": FLAGS.keep_frozen_videos}
+
+
 def check() -> None:
     """Builds every config once, so a bad flag stops the run before any work."""
     input_config()
@@ -429,9 +452,3 @@ def apply_record(model_dir: str, log=print) -> dict | None:
 
 def _show(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-
-def export_network_name(path: str) -> str:
-    """``.../generalize/<backbone>/<spec>/model.keras`` -> ``<backbone>_<spec>``."""
-    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
-    return re.sub(r"[^\w.-]+", "_", "_".join(parts[-3:-1]))

@@ -1,23 +1,12 @@
 """Command-line entry point: ``python -m stfusion_tf.main --flagfile=configs/<x>.flags``.
 
-Modes: ``prepare`` (write the dataset's TFRecord shards; converts Kinetics-400,
-Something-Something V1/V2, UCF101 or a folder of videos from ``--source_dir``),
-``data_service`` (run a tf.data service dispatcher and workers), ``train`` (warm-up
-then v-DropPath training of the template), ``analyze`` (marginals, strategy
-ranking, Opt, report), ``export`` (SavedModels), ``all`` (the four in order, then
-``generalize`` when ``--backbones`` is set), ``generalize`` (train 3D backbones
-with fusion strategies taken from the template, the paper's rules and uniform
-units: the paper's Table 6), ``fidelity`` (train ranked strategies stand-alone to
-check the ranking), ``summary`` (parameter counts of a preset and backbones) and
-``verify`` (check every shard against the manifest, repair the damaged ones).
-
-This module is the mode switch; the flags and their configs live in
-``flags.py``.  ``analyze``, ``export``, ``generalize`` and ``fidelity`` take the
-run's settings from ``<model_dir>/run.json``, so ``--model_dir`` is enough; one
-run at a time holds a model directory (``lock.py``).  TensorFlow is imported
-inside the modes on purpose: a bad flag is reported before it loads.
+This module is the mode switch (``--mode``; ``flags.MODES``, the README lists what each
+does); the flags and their configs live in ``flags.py``.  ``analyze``, ``export``,
+``generalize`` and ``fidelity`` take the run's settings from ``<model_dir>/run.json``,
+so ``--model_dir`` is enough; one run at a time holds a model directory (``lock.py``).
+TensorFlow is imported inside the modes on purpose: a bad flag is reported before it
+loads.
 """
-
 from __future__ import annotations
 
 import dataclasses
@@ -43,17 +32,9 @@ def run_prepare(data_dir):
     t0 = time.time()
     with lock.for_data_dir(data_dir, "prepare"):
         if FLAGS.dataset not in cli.SYNTHETIC:
-            return convert.prepare(
-                FLAGS.dataset, FLAGS.source_dir, data_dir, short_side=FLAGS.short_side,
-                clips_per_shard=FLAGS.clips_per_shard, workers=FLAGS.prepare_workers,
-                max_frames=FLAGS.max_frames, ucf_split=int(FLAGS.ucf_split),
-                annotations=FLAGS.annotations, holdout_fraction=FLAGS.holdout_fraction,
-                keep_frozen=FLAGS.keep_frozen_videos)
-        manifest = synthetic.prepare_synthetic(data_dir, synthetic.SyntheticSpec(
-            name=FLAGS.dataset, num_classes=FLAGS.synthetic_classes,
-            num_train=FLAGS.synthetic_train, num_val=FLAGS.synthetic_val,
-            num_test=FLAGS.synthetic_test, num_frames=FLAGS.synthetic_frames,
-            size=FLAGS.synthetic_size, seed=FLAGS.data_seed), log=logging.info)
+            return convert.prepare(FLAGS.dataset, FLAGS.source_dir, data_dir,
+                                   **cli.convert_settings())
+        manifest = synthetic.prepare_synthetic(data_dir, cli.synthetic_spec(), log=logging.info)
     counts = {k: v["num_clips"] for k, v in manifest["splits"].items()}
     print(f"[prepare] {data_dir}: {counts} clips, {manifest['num_skipped']} skipped, "
           f"{time.time() - t0:.1f}s")
@@ -130,12 +111,8 @@ def _load_template(data_dir, model_dir):
         model = training.rebuild_from_checkpoint(model, model_dir, str(e), log=print)
     compute.set_memory_efficient(model, FLAGS.memory_efficient)
     icfg = cli.input_config()
-    want = (icfg.model_frames, icfg.crop_size, icfg.crop_size)
-    have = backbones.input_geometry(model)[:3]
-    if have != want:
-        raise UserError(f"the template in {model_dir} takes {'x'.join(map(str, have))} clips; "
-                        f"--num_frames/--crop_size/--temporal_pool give {'x'.join(map(str, want))}; "
-                        "drop those flags to use the run's own geometry")
+    backbones.check_geometry(model, (icfg.model_frames, icfg.crop_size, icfg.crop_size),
+                             f"the template in {model_dir}")
     return model
 
 
@@ -153,7 +130,6 @@ def run_analyze(data_dir, model_dir):
 
 def run_fidelity(data_dir, model_dir):
     from stfusion_tf.analysis import fidelity
-    from stfusion_tf.model import gates as gates_lib
     from stfusion_tf.model import template as tpl
     from stfusion_tf import training
     train_cfg = training.standalone(cli.train_config(), FLAGS.epochs)  # gates stay off
@@ -161,9 +137,7 @@ def run_fidelity(data_dir, model_dir):
     def train_one(strategy, run_dir):
         def model_fn(num_classes, num_train, sync):
             model = _template_fn(num_classes, num_train, sync)
-            gates = tpl.TemplateGates(model)
-            gates.set_strategy(strategy)  # the strategy's masks hold in training too
-            gates_lib.set_inference_mode(gates.s + gates.t, "mask")
+            tpl.TemplateGates(model).hold(strategy)
             return model
         return _train(model_fn, run_dir, data_dir, train_cfg, FLAGS.selection_split,
                       init_fn=_template_init(strategy))
@@ -184,8 +158,8 @@ def run_export(data_dir, model_dir, export_dir):
     icfg = cli.input_config()
     say = lambda m: print(f"[export] {m}")  # noqa: E731
     if FLAGS.export_model:
-        name, network = cli.export_network_name(FLAGS.export_model), \
-            export.load_network(FLAGS.export_model)
+        name, network = export.network_name(FLAGS.export_model), export.load_network(
+            FLAGS.export_model)
         paths = [export.export_network(network, name, labels, export_dir, icfg.eval_short_side,
                                        crop_size=icfg.eval_crop)]
     else:
@@ -202,11 +176,6 @@ def run_export(data_dir, model_dir, export_dir):
     print("\n".join(f"[export] {p}" for p in paths))
 
 
-def _backbone_overrides():
-    return {"num_frames": cli.input_config().model_frames, "crop_size": FLAGS.crop_size,
-            "temporal_stride": FLAGS.backbone_temporal_stride, "dropout": FLAGS.dropout}
-
-
 def _backbone_init(cfg):
     from stfusion_tf.model import inflation
     return inflation.backbone_init(cfg, FLAGS.inflate_weights, FLAGS.init_weights,
@@ -220,12 +189,11 @@ def run_generalize(data_dir, model_dir):
     if not FLAGS.backbones:
         raise UserError("--mode=generalize needs --backbones; valid backbones: "
                         f"{', '.join(backbones.PRESETS)}")
-    family = (fusion_rules.DATASET_FAMILY[FLAGS.dataset] if FLAGS.fusion_family == "auto"
-              else FLAGS.fusion_family)
+    family = fusion_rules.family(FLAGS.dataset, FLAGS.fusion_family)
     try:
         runs = generalization.plan(FLAGS.backbones, FLAGS.backbone_strategies, family,
                                    os.path.join(model_dir, "analysis"), FLAGS.generalize_seeds,
-                                   **_backbone_overrides())
+                                   **cli.backbone_overrides())
     except UserError as e:
         raise UserError(f"--backbone_strategies: {e}") from None
     base = training.standalone(cli.train_config(), FLAGS.generalize_epochs or FLAGS.epochs)
@@ -244,24 +212,15 @@ def run_summary():
     """Sizes and costs of the preset, its uniform strategies, --backbones and a run's samples."""
     from stfusion_tf import summary
     from stfusion_tf.model import backbones
-    out = summary.template_summary(FLAGS.preset, cli.template_config(), cli.gate_config(),
-                                   FLAGS.num_classes)
-    out["backbones"] = [summary.backbone_summary(
-        name, backbones.preset(name, **_backbone_overrides()), FLAGS.num_classes)
-        for name in FLAGS.backbones]
-    model_dir = cli.paths()[1]
-    sampled = summary.sampled_strategies(os.path.join(model_dir, "analysis"))
-    if sampled is not None:
-        out["sampled_strategies"] = {"model_dir": model_dir, "strategies": sampled}
-    print(json.dumps(out, indent=1))
+    nets = {name: backbones.preset(name, **cli.backbone_overrides()) for name in FLAGS.backbones}
+    print(json.dumps(summary.summarize(FLAGS.preset, cli.template_config(), cli.gate_config(),
+                                       FLAGS.num_classes, nets, cli.paths()[1]), indent=1))
 
 
 def run_data_service():
     """A dispatcher (journal in --data_service_work_dir) and --data_service_workers workers;
     with --data_service=grpc://HOST:PORT, workers that join that dispatcher."""
     from stfusion_tf.data import service
-    if not FLAGS.data_service and FLAGS.data_service_port < 1:
-        raise UserError("--data_service_port must be a port number >= 1")
     svc = service.serve(FLAGS.data_service_port, FLAGS.data_service_workers,
                         FLAGS.data_service_work_dir, join_target=FLAGS.data_service)
     print(f"[data_service] {svc.describe()}", flush=True)
@@ -272,11 +231,7 @@ def run_aggregate():
     from stfusion_tf.analysis import aggregate
     if not FLAGS.runs:
         raise UserError("--mode=aggregate needs --runs=DIR,DIR,... (analysed model directories)")
-    out = FLAGS.aggregate_dir or os.path.join(os.path.dirname(FLAGS.runs[0].rstrip("/")), "aggregate")
-    r = aggregate.aggregate(FLAGS.runs, out)
-    tu = r["temporal_use"]["T_use"]
-    print(f"[aggregate] {out}/aggregate.md: {len(FLAGS.runs)} runs; T-branch use "
-          f"{tu[0]:.3f} ± {tu[1]:.3f}; consensus Opt {r['consensus']['code']}")
+    print(aggregate.summary_line(aggregate.aggregate(FLAGS.runs, FLAGS.aggregate_dir)))
 
 
 def run(mode: str) -> None:

@@ -52,6 +52,19 @@ def backbone_summary(name: str, cfg: backbones.BackboneConfig, num_classes: int)
     return row
 
 
+def summarize(preset: str, config, gate, num_classes: int, backbone_cfgs: dict,
+              model_dir: str) -> dict:
+    """``--mode=summary``: the template, each backbone of ``backbone_cfgs`` (name ->
+    BackboneConfig) and, when ``model_dir`` has an analysis, its sampled strategies."""
+    out = template_summary(preset, config, gate, num_classes)
+    out["backbones"] = [backbone_summary(name, cfg, num_classes)
+                        for name, cfg in backbone_cfgs.items()]
+    sampled = sampled_strategies(os.path.join(model_dir, "analysis"))
+    if sampled is not None:
+        out["sampled_strategies"] = {"model_dir": model_dir, "strategies": sampled}
+    return out
+
+
 def sampled_strategies(analysis_dir: str) -> list[dict] | None:
     """MACs, parameters and selection accuracy of every unique strategy in a run's
     ``ranking.jsonl``, most accurate first; None when there is none."""

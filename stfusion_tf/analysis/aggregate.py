@@ -55,7 +55,10 @@ def consensus(strategies: list[FusionStrategy]) -> tuple[FusionStrategy, list[fl
     return FusionStrategy(strategies[0].positions, tuple(units)), agree
 
 
-def aggregate(run_dirs, out_dir: str, title: str = "") -> dict:
+def aggregate(run_dirs, out_dir: str | None = None, title: str = "") -> dict:
+    """Mean ± std marginals of analysed runs and their consensus Opt, written to
+    ``out_dir`` (default: ``aggregate`` beside the first run)."""
+    out_dir = out_dir or os.path.join(os.path.dirname(run_dirs[0].rstrip("/")), "aggregate")
     runs = [load_run(d) for d in run_dirs]
     if len(runs) < 2:
         raise UserError("--mode=aggregate needs at least two analysed runs (--runs=DIR,DIR,...)")
@@ -70,7 +73,7 @@ def aggregate(run_dirs, out_dir: str, title: str = "") -> dict:
              "consensus_unit": best.units[i], "agreement": agree[i]}
             for i, pos in enumerate(positions)]
     use = [marg.temporal_use(r) for r in rates]
-    result = {"runs": list(run_dirs), "positions": positions, "rows": rows,
+    result = {"runs": list(run_dirs), "out_dir": out_dir, "positions": positions, "rows": rows,
               "temporal_use": {k: _ms([u[k] for u in use]) for k in use[0]},
               "consensus": best.to_dict(), "opts": [r["opt"].code() for r in runs]}
     os.makedirs(out_dir, exist_ok=True)
@@ -85,6 +88,13 @@ def aggregate(run_dirs, out_dir: str, title: str = "") -> dict:
         title=title or f"mean marginals over {len(runs)} runs (bars: std), consensus Opt (dots)"))
     files.write_text(os.path.join(out_dir, "aggregate.md"), _markdown(result, len(runs)))
     return result
+
+
+def summary_line(result: dict) -> str:
+    tu = result["temporal_use"]["T_use"]
+    return (f"[aggregate] {result['out_dir']}/aggregate.md: {len(result['runs'])} runs; "
+            f"T-branch use {tu[0]:.3f} ± {tu[1]:.3f}; consensus Opt "
+            f"{result['consensus']['code']}")
 
 
 def _ms(values) -> tuple[float, float]:

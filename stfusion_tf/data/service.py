@@ -72,6 +72,8 @@ def serve(port: int, num_workers: int, work_dir: str | None = None,
           join_target: str | None = None) -> Service:
     """``--mode=data_service``: a dispatcher with workers, or workers joining one."""
     from stfusion_tf.errors import UserError
+    if not join_target and port < 1:
+        raise UserError("--data_service_port must be a port number >= 1")
     try:
         if join_target:
             return join(join_target, num_workers)

@@ -29,6 +29,7 @@ import dataclasses
 
 import keras
 
+from stfusion_tf.errors import UserError
 from stfusion_tf.model import template as tpl
 from stfusion_tf.model.dropout import PhaseDropout
 from stfusion_tf.model.normalization import PixelNormalization
@@ -289,6 +290,16 @@ def count_params(model: keras.Model) -> dict:
     import numpy as np
     trainable = int(sum(np.prod(v.shape) for v in model.trainable_weights))
     return {"params_trainable": trainable, "params_total": int(model.count_params())}
+
+
+def check_geometry(model: keras.Model, want: tuple[int, int, int], what: str) -> None:
+    """A UserError unless ``model`` trains on (frames, height, width) ``want``."""
+    have = input_geometry(model)[:3]
+    if tuple(have) != tuple(want):
+        raise UserError(f"{what} takes {'x'.join(map(str, have))} clips; "
+                        f"--num_frames/--crop_size/--temporal_pool give "
+                        f"{'x'.join(map(str, want))}; drop those flags to use the run's own "
+                        "geometry")
 
 
 def input_geometry(model: keras.Model) -> tuple[int, int, int, int]:

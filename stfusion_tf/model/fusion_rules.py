@@ -36,6 +36,12 @@ DATASET_FAMILY = {"ssv1": "ss", "ssv2": "ss", "synthetic_motion": "ss", "kinetic
                   "folder": "k400", "ucf101": "ucf", "synthetic_appearance": "ucf",
                   "synthetic_fine_motion": "ss"}
 _LETTER = {"S": S, "T": ST, "F": S_ST}
+
+
+def family(dataset: str, choice: str = "auto") -> str:
+    """The hand rules' family: ``choice``, or with ``auto`` the dataset's."""
+    return DATASET_FAMILY[dataset] if choice == "auto" else choice
+
 #: Best sampled strategies of the paper's Fig. 4 (DenseNet121 template), block by block.
 PAPER_BEST = {
     "ssv1": "FFFFFT|S|FFFTFFFFFFFT|F|FFFFFFFFFFTFFTTFFTFTTTTF|F|TTTTFTFFFFFTFTTF",

@@ -34,7 +34,8 @@ import keras
 from stfusion_tf.errors import UserError
 from stfusion_tf.model import memory
 from stfusion_tf.model.dropout import PhaseDropout
-from stfusion_tf.model.gates import VariationalDropPath, check_gate_args, gate_layers
+from stfusion_tf.model.gates import (VariationalDropPath, check_gate_args, gate_layers,
+                                     set_inference_mode)
 from stfusion_tf.model.normalization import PixelNormalization
 from stfusion_tf.model.layers3d import TEMPORAL_PADDINGS, Pad3D, pad_for_temporal_kernel
 from stfusion_tf.model.strategy import UNIT_TO_KEEP, FusionStrategy
@@ -383,6 +384,11 @@ class TemplateGates:
         if tuple(strategy.positions) != self.positions:
             raise ValueError("strategy positions do not match the template's")
         self.set_mask(strategy.to_mask())
+
+    def hold(self, strategy: FusionStrategy) -> None:
+        """``strategy``'s masks in training too: the template trains as that sub-network."""
+        self.set_strategy(strategy)
+        set_inference_mode(self.s + self.t, "mask")
 
 
 def _position_from_key(key: str) -> str:
