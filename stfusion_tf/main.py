@@ -93,8 +93,9 @@ def run_train(data_dir, model_dir):
     except (training.NonFiniteLossError, training.WorkerLostError) as e:
         print(f"[train] stopped: {e}", file=sys.stderr)
         sys.exit(3 if isinstance(e, training.NonFiniteLossError) else 4)
-    print(f"[train] {model_dir}: {summary['steps']} steps; "
-          f"{json.dumps(summary.get('eval', {}))}")
+    print(f"[train] {model_dir}: {summary['steps']} steps; " + "; ".join(
+        f"{split}: video top-1 {100 * r['video_top1']:.1f}, clip top-1 {100 * r['clip_top1']:.1f} "
+        f"({r['protocol']['label']})" for split, r in summary.get("eval", {}).items()))
 
 
 def _load_template(data_dir, model_dir):
