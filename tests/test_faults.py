@@ -1,6 +1,6 @@
 """Faults at every stage (issue 16): bad input, damaged files, full disks, two runs on one
 model directory, lost workers.  Each case asserts the message, the exit code, what was
-kept and what was counted.  README "Failure behaviour" names the test behind each row.
+kept and what was counted.  docs/failures.md names the test behind each row.
 
 Command-line cases run the real entry point in a subprocess; the rest call the library.
 A "full disk" is a file-size limit (RLIMIT_FSIZE) on the writing process: every write
