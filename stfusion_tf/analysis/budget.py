@@ -65,15 +65,18 @@ def _brief(row: dict) -> dict:
 
 
 def cost_report(sel, rep, ranked: list[dict], opt_row: dict, costs: cost.TemplateCosts,
-                cfg) -> tuple[dict, bytes]:
-    """(the cost section of the analysis summary, the accuracy-vs-MACs chart as PNG)."""
+                cfg, reported: dict | None = None) -> tuple[dict, bytes]:
+    """(the cost section of the analysis summary, the accuracy-vs-MACs chart as PNG).
+
+    ``reported`` maps a strategy's units (tuple) to its video top-1 on the reporting
+    split where the caller already scored it; only the others are scored here."""
     positions = costs.positions
     unique = [r for r in ranked if "duplicate_of" not in r]
     uniform = {}
     for unit in (S, ST, S_ST):
         st = FusionStrategy.uniform(positions, unit)
         uniform[unit] = {"code": st.code(), **costs.row(st), **sel.score(st)}
-    reported = {}
+    reported = dict(reported or {})
 
     def on_report(units) -> float:
         key = tuple(units)

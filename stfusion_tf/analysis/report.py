@@ -201,7 +201,10 @@ def analyze(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfi
         classes, f"Opt on {cfg.report_split}: confusion matrix (video level)"))
     cost_section = None
     if costs is not None:
-        cost_section, png = budget.cost_report(sel, rep, ranked, opt_row, costs, cfg)
+        known = {tuple(FusionStrategy.uniform(positions, u).units): comparison[u]["video_top1"]
+                 for u in (S_ST, S, ST)}
+        known[opt.units] = comparison["Opt"]["video_top1"]  # scored by _compare already
+        cost_section, png = budget.cost_report(sel, rep, ranked, opt_row, costs, cfg, known)
         pngs["accuracy_vs_macs"] = ("cost_accuracy.png", png)
     _images(model_dir, out, pngs)
     log(f"reporting split, inherited weights, video top-1 ({rep.protocol['label']}): " + ", ".join(
