@@ -16,9 +16,7 @@ import numpy as np
 def topk_accuracy(scores: np.ndarray, labels: np.ndarray, k: int) -> float:
     if len(labels) == 0:
         return float("nan")
-    k = min(k, scores.shape[1])
-    topk = np.argsort(-scores, axis=1)[:, :k]
-    return float(np.mean(np.any(topk == labels[:, None], axis=1)))
+    return _hits(scores, labels, k) / len(labels)
 
 
 def _hits(scores: np.ndarray, labels: np.ndarray, k: int) -> int:
