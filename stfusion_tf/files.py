@@ -18,9 +18,11 @@ import shutil
 
 
 def _temporary(path: str) -> str:
-    """``a/b.keras`` -> ``a/b.tmp.keras`` (Keras checks the extension); ``a/1`` -> ``a/1.tmp``."""
+    """``a/b.keras`` -> ``a/b.tmp<pid>.keras`` (Keras checks the extension); ``a/1`` ->
+    ``a/1.tmp<pid>``.  Per process, so two processes writing one artefact (workers of a
+    job) never rename each other's temporary away."""
     root, ext = os.path.splitext(path)
-    return f"{root}.tmp{ext}"
+    return f"{root}.tmp{os.getpid()}{ext}"
 
 
 def _remove(path: str) -> None:

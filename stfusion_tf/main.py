@@ -85,8 +85,9 @@ def _template_init(strategy=None):
 
 
 def run_train(data_dir, model_dir):
-    from stfusion_tf import training
-    cli.write_record(model_dir, data_dir)
+    from stfusion_tf import lock, training
+    if lock.is_chief(FLAGS.distribution, os.environ.get("TF_CONFIG")):
+        cli.write_record(model_dir, data_dir)
     try:
         summary = _train(_template_fn, model_dir, data_dir, cli.train_config(),
                          FLAGS.selection_split, init_fn=_template_init())

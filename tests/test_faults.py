@@ -356,6 +356,26 @@ def test_prepare_killed_midway_resumes_to_a_complete_manifest(tmp_path):
     assert verify.verify(str(d), "none")["damaged"] == []
 
 
+def test_two_processes_writing_one_artefact_never_collide(tmp_path):
+    """Workers of one job may write the same file (run record): each rename is whole."""
+    path = str(tmp_path / "run.json")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            for i in range(300):
+                files.write_json(path, {"writer": "child", "i": i})
+            code = 0
+        finally:
+            os._exit(code)
+    for i in range(300):
+        files.write_json(path, {"writer": "parent", "i": i})
+    _, status = os.waitpid(pid, 0)
+    assert status == 0
+    assert files.read_json(path)["i"] == 299
+    assert os.listdir(tmp_path) == ["run.json"]  # no temporary left
+
+
 def test_torn_and_garbled_jsonl_lines_are_skipped_and_counted(tmp_path):
     path = str(tmp_path / "ranking.jsonl")
     with files.JsonlAppender(path) as f:
