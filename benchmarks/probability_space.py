@@ -113,15 +113,19 @@ class Bench:
                          os.path.join(self.out, "logs", f"standalone_{seed}.log"))
         return f"stand-alone motion seed {seed}", job
 
-    def fidelity_job(self, task, seed):
+    def fidelity_path(self, task, seed, pool):
+        name = "fidelity" if pool == "learned" else f"fidelity_{pool}"
+        return os.path.join(self.run_dir(task, seed), "analysis", f"{name}.json")
+
+    def fidelity_job(self, task, seed, pool):
         run = self.run_dir(task, seed)
 
         def job():
-            if os.path.exists(os.path.join(run, "analysis", "fidelity.json")):
+            if os.path.exists(self.fidelity_path(task, seed, pool)):
                 return 0.0
-            return _main([f"--model_dir={run}", "--mode=fidelity",
+            return _main([f"--model_dir={run}", "--mode=fidelity", f"--fidelity_pool={pool}",
                           f"--fidelity_strategies={self.fidelity_strategies}", "--verbose=0"],
-                         os.path.join(self.out, "logs", f"fidelity_{task}_{seed}.log"))
+                         os.path.join(self.out, "logs", f"fidelity_{pool}_{task}_{seed}.log"))
         return f"fidelity {task} seed {seed}", job
 
 
@@ -209,7 +213,8 @@ def expectations(rows, standalone, fidelity) -> list[dict]:
         tau = fidelity["kendall_tau"]
         add("fidelity: Kendall tau >= 0.6 over >= 12 strategies spreading >= 10 points",
             tau is not None and tau >= 0.6 and len(st) >= 12 and spread >= 0.10,
-            f"tau {tau}, {len(st)} strategies, stand-alone spread {100 * spread:.1f} points")
+            f"tau {tau}, {len(st)} strategies ({fidelity.get('pool', 'learned')} pool), "
+            f"stand-alone spread {100 * spread:.1f} points")
     return out
 
 
@@ -281,7 +286,10 @@ def main():
     ap.add_argument("--jobs", type=int, default=2, help="processes at a time")
     ap.add_argument("--standalone_epochs", type=int, default=20)
     ap.add_argument("--fidelity_strategies", type=int, default=12)
-    ap.add_argument("--fidelity_task", default="fine_motion", choices=tuple(TASKS))
+    ap.add_argument("--fidelity_task", default="motion", choices=tuple(TASKS))
+    ap.add_argument("--fidelity_pool", default="uniform", choices=("learned", "uniform"),
+                    help="strategies of the fidelity check: the learned samples or drawn "
+                    "uniformly from the space (see stfusion_tf/analysis/fidelity.py)")
     ap.add_argument("--skip", default="", help="comma list of: standalone, fidelity")
     ap.add_argument("--tasks", default=",".join(TASKS), help="comma list of tasks")
     ap.add_argument("--flags", default="", help="extra flags for every template run, "
@@ -297,11 +305,11 @@ def main():
     if "standalone" not in args.skip:
         later += [bench.standalone_job(s) for s in bench.seeds]
     if "fidelity" not in args.skip:
-        later.append(bench.fidelity_job(args.fidelity_task, 0))
+        later.append(bench.fidelity_job(args.fidelity_task, 0, args.fidelity_pool))
     bench.parallel(later)
     rows = template_rows(bench)
     standalone = standalone_rows(bench)
-    fid_path = os.path.join(bench.run_dir(args.fidelity_task, 0), "analysis", "fidelity.json")
+    fid_path = bench.fidelity_path(args.fidelity_task, 0, args.fidelity_pool)
     fidelity = _read(fid_path) if os.path.exists(fid_path) else None
     checks = expectations(rows, standalone, fidelity)
     report = write_report(bench, rows, standalone, fidelity, checks, time.time() - t0)

@@ -31,6 +31,7 @@ LAYOUTS = ("kinetics400", "ssv1", "ssv2", "ucf101", "folder")  # data.convert.LA
 DATASETS = SYNTHETIC + LAYOUTS
 PRESETS = ("densenet121", "small", "tiny")  # model.template.PRESETS
 SAMPLINGS = ("dense", "segments")  # data.pipeline.SAMPLINGS
+FIDELITY_POOLS = ("learned", "uniform")  # analysis.fidelity.POOLS
 NUM_CROPS = ("1", "3")  # data.pipeline.NUM_CROPS
 EVAL_PROTOCOLS = ("authors", "paper", "10x3", "custom")  # data.pipeline.EVAL_PROTOCOLS
 SELECTION_PROTOCOLS = ("same", "authors", "paper", "10x3")  # analysis.report.SELECTION_PROTOCOLS
@@ -225,6 +226,10 @@ flags.DEFINE_float("max_params", None, "Parameter budget of Opt (a count, e.g. 2
                    "--max_gmacs both must hold.")
 flags.DEFINE_integer("fidelity_strategies", 5, "--mode=fidelity: strategies trained stand-alone.",
                      lower_bound=2)
+flags.DEFINE_enum("fidelity_pool", "learned", FIDELITY_POOLS, "--mode=fidelity: which ranking "
+                  "the strategies are taken from: 'learned' (the samples of --mode=analyze) or "
+                  "'uniform' (--num_samples strategies drawn uniformly from the whole space, "
+                  "ranked with the same inherited weights).")
 flags.DEFINE_list("runs", [], "--mode=aggregate: analysed model directories of one template "
                   "trained with different seeds.")
 flags.DEFINE_string("aggregate_dir", None, "--mode=aggregate: output folder (default: "
@@ -290,7 +295,7 @@ ANALYSIS_FLAGS = {"num_samples": "num_samples", "seed": "sample_seed",
 OPERATIONAL = ("mode", "model_dir", "export_dir", "verbose", "debug", "strategy", "runs",
                "aggregate_dir", "repair", "tflite", "export_model",
                "data_service_port", "data_service_workers", "data_service_work_dir",
-               "prepare_workers", "num_classes")
+               "prepare_workers", "num_classes", "fidelity_pool")
 
 
 def _build(cls, mapping: dict, convert_values=None):

@@ -145,8 +145,16 @@ def run_fidelity(data_dir, model_dir):
                       init_fn=_template_init(strategy))
 
     positions = tpl.template_positions(cli.template_config())
-    rep = fidelity.run(model_dir, positions, FLAGS.fidelity_strategies, train_one)
-    print(f"[fidelity] {model_dir}/analysis/fidelity.md over {rep['num_strategies']} strategies: "
+    ranked = None
+    if FLAGS.fidelity_pool == "uniform":
+        from stfusion_tf.analysis import report
+        ranked = report.uniform_ranking(_load_template(data_dir, model_dir), data_dir, model_dir,
+                                         cli.input_config(), cli.analysis_config(),
+                                         log=logging.info, jit_compile=FLAGS.jit_compile)
+    rep = fidelity.run(model_dir, positions, FLAGS.fidelity_strategies, train_one,
+                       pool=FLAGS.fidelity_pool, ranked=ranked)
+    print(f"[fidelity] {model_dir}/analysis/{fidelity.report_name(FLAGS.fidelity_pool)}.md over "
+          f"{rep['num_strategies']} strategies: "
           f"{rep['verdict']}")
 
 

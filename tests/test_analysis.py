@@ -161,6 +161,33 @@ def test_fidelity_rank_correlation_and_its_undefined_case(tmp_path):
     assert "do not separate them" in (tmp_path / "analysis/fidelity.md").read_text()
 
 
+def test_uniform_fidelity_pool_covers_the_whole_space_whatever_was_learned(motion_dir, tmp_path):
+    """--fidelity_pool=uniform: strategies drawn at drop rate 0.5 even where the template
+    learned to keep a branch (p = 0.02), ranked with inherited weights into their own
+    files; the learned pool's files are not touched."""
+    from stfusion_tf.analysis import fidelity, report
+    model = T.build_template(T.preset("tiny"), 4)
+    gates = T.TemplateGates(model)
+    for g in gates.s + gates.t:
+        g.p_logit.assign(-4.0)  # p ~ 0.018: the learned pool would keep nearly everything
+    cfg = report.AnalysisConfig(num_samples=40, selection_split="val", report_split="test")
+    rows = report.uniform_ranking(model, motion_dir, str(tmp_path), pipeline.InputConfig(batch_size=8),
+                                  cfg, log=lambda *a: None)
+    assert len(rows) == 40 and (tmp_path / "analysis/ranking_uniform.jsonl").exists()
+    kept = np.array([[u in ("S", "S+ST") for u in r["units"]] + [u in ("ST", "S+ST") for u in r["units"]]
+                     for r in rows], float)
+    assert 0.35 < kept.mean() < 0.65  # ~0.5, not ~0.98
+    assert all("macs" in r and 0.0 <= r["video_top1"] <= 1.0 for r in rows)
+    rep = fidelity.run(str(tmp_path), gates.positions, 3,
+                       lambda st, d: {"steps": 1, "eval": {"val": {"video_top1": st.counts()["S"] / 10,
+                                                                    "clip_top1": 0.0}}},
+                       log=lambda *a: None, pool="uniform", ranked=rows)
+    assert rep["pool"] == "uniform" and rep["num_strategies"] == 3
+    assert (tmp_path / "analysis/fidelity_uniform.md").exists()
+    assert not (tmp_path / "analysis/fidelity.json").exists()
+    assert not (tmp_path / "analysis/ranking.jsonl").exists()
+
+
 def test_generalization_trains_each_network_once_and_resumes(tmp_path):
     from stfusion_tf.analysis import generalization as GZ
     runs = GZ.plan(["resnet_tiny"], ["S+ST", "S+ST,S+ST,S+ST,S+ST", "S"], "ss", str(tmp_path))

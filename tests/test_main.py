@@ -74,6 +74,7 @@ def test_flag_choices_are_the_library_tuples():
     each must equal the library tuple it stands for."""
     from absl import flags as absl_flags
     from stfusion_tf import compute, distribution, flags, main, training  # noqa: F401
+    from stfusion_tf.analysis import fidelity
     from stfusion_tf.data import convert, pipeline, synthetic, verify
     from stfusion_tf.model import fusion_rules, gates
     from stfusion_tf.model import template as tpl
@@ -91,6 +92,7 @@ def test_flag_choices_are_the_library_tuples():
         "repair": verify.REPAIRS,
         "precision": compute.PRECISIONS,
         "jit_compile": compute.JIT_COMPILE,
+        "fidelity_pool": fidelity.POOLS,
     }
     FLAGS = absl_flags.FLAGS
     for name, choices in library.items():

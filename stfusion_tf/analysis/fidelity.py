@@ -1,11 +1,24 @@
 """``--mode=fidelity``: can the inherited-weight ranking be trusted?
 
-Takes K of the strategies ranked by ``--mode=analyze`` (spread evenly over the
+Takes K of the strategies ranked with inherited weights (spread evenly over the
 ranking, best to worst), trains each stand-alone from the template's initial
 weights with the same budget as the template (its masks fixed, no v-DropPath),
 scores it on the same selection split, and reports Kendall's tau and Spearman's rho between
 inherited-weight accuracy and stand-alone accuracy.  Each finished strategy is
 appended to ``analysis/fidelity.jsonl`` so an interrupted run resumes.
+
+Two pools of strategies (``POOLS``):
+
+* ``learned``: the samples ``--mode=analyze`` ranked, drawn from the learned drop
+  rates.  This asks whether Opt is the right pick *among what the template
+  favours*; on an easy task those samples all train to the same accuracy and the
+  correlation is undefined or noise.
+* ``uniform``: strategies drawn with every drop rate at 0.5 (every strategy of the
+  space equally likely), ranked with the same inherited weights into
+  ``analysis/ranking_uniform.jsonl``; results go to ``fidelity_uniform.*``.  This
+  asks whether inherited weights order the *whole space* as training would, which
+  is what the paper's ranking step relies on, and gives strategies whose
+  stand-alone accuracies spread (e.g. S-only vs ST on a motion task).
 """
 
 from __future__ import annotations
@@ -32,17 +45,39 @@ def pick(ranked: list[dict], k: int) -> list[dict]:
     return [unique[i] for i in idx]
 
 
-def run(model_dir: str, positions, k: int, train_fn, log=print) -> dict:
-    """``train_fn(strategy, run_dir) -> summary`` trains one strategy stand-alone."""
-    from scipy import stats
+POOLS = ("learned", "uniform")
+
+
+def report_name(pool: str) -> str:
+    if pool not in POOLS:
+        raise UserError(f"fidelity pool {pool!r}; valid values: {', '.join(POOLS)}")
+    return "fidelity" if pool == "learned" else f"fidelity_{pool}"
+
+
+def run(model_dir: str, positions, k: int, train_fn, log=print, pool: str = "learned",
+        ranked: list[dict] | None = None) -> dict:
+    """``train_fn(strategy, run_dir) -> summary`` trains one strategy stand-alone;
+    ``ranked``: the pool's ranking rows (default: ``analysis/ranking.jsonl``)."""
+    name = report_name(pool)
     out = os.path.join(model_dir, "analysis")
-    path = os.path.join(out, "ranking.jsonl")
-    if not os.path.exists(path):
-        raise UserError(f"{path} missing: run --mode=analyze first")
-    rows, _ = files.read_jsonl(path)
-    ranked = sorted(rows, key=lambda r: (-r["video_top1"], -r["clip_top1"], r["index"]))
+    if ranked is None:
+        path = os.path.join(out, "ranking.jsonl")
+        if not os.path.exists(path):
+            raise UserError(f"{path} missing: run --mode=analyze first")
+        ranked, _ = files.read_jsonl(path)
+    ranked = sorted(ranked, key=lambda r: (-r["video_top1"], -r["clip_top1"], r["index"]))
     chosen = pick(ranked, k)
-    jsonl = os.path.join(out, "fidelity.jsonl")
+    results = _train_all(chosen, positions, model_dir, name, train_fn, log)
+    report = {"pool": pool, "num_strategies": len(results), **_correlate(results),
+              "strategies": results}
+    files.write_json(os.path.join(out, f"{name}.json"), report)
+    _write_md(os.path.join(out, f"{name}.md"), report)
+    return report
+
+
+def _train_all(chosen, positions, model_dir, name, train_fn, log) -> list[dict]:
+    """Trains each chosen strategy stand-alone; resumes from ``<name>.jsonl``."""
+    jsonl = os.path.join(model_dir, "analysis", f"{name}.jsonl")
     done = {r["key"]: r for r in files.read_jsonl(jsonl)[0]}
     results = []
     with files.JsonlAppender(jsonl) as f:
@@ -52,7 +87,7 @@ def run(model_dir: str, positions, k: int, train_fn, log=print) -> dict:
                 continue
             st = FusionStrategy(tuple(positions), tuple(r["units"]))
             log(f"[fidelity] {i + 1}/{len(chosen)}: training {st.code()} stand-alone")
-            summary = train_fn(st, os.path.join(model_dir, "fidelity", f"sample_{r['index']:05d}"))
+            summary = train_fn(st, os.path.join(model_dir, name, f"sample_{r['index']:05d}"))
             ev = next(iter(summary["eval"].values()))
             row = {"key": r["key"], "index": r["index"], "code": r["code"],
                    "inherited_video_top1": r["video_top1"], "standalone_video_top1": ev["video_top1"],
@@ -61,6 +96,12 @@ def run(model_dir: str, positions, k: int, train_fn, log=print) -> dict:
                    "standalone_protocol": (ev.get("protocol") or {}).get("label")}
             f.append(row)
             results.append(row)
+    return results
+
+
+def _correlate(results: list[dict]) -> dict:
+    """Kendall's tau and Spearman's rho (None where either side has no spread), a verdict."""
+    from scipy import stats
     a = [r["inherited_video_top1"] for r in results]
     b = [r["standalone_video_top1"] for r in results]
     tau = rho = None  # undefined when either side has no spread (JSON null)
@@ -73,21 +114,28 @@ def run(model_dir: str, positions, k: int, train_fn, log=print) -> dict:
     elif len(set(b)) <= 1:
         verdict = (f"Rank correlation undefined: every strategy reached the same stand-alone "
                    f"accuracy ({100 * b[0]:.1f}%), so this task and budget do not separate them; "
-                   "use a harder dataset or a smaller budget to test the ranking.")
+                   "use a harder dataset, a smaller budget or --fidelity_pool=uniform.")
     else:
         verdict = "Rank correlation undefined: the inherited-weight accuracies are all equal."
     protocols = sorted({str(r.get(k)) for r in results
                         for k in ("inherited_protocol", "standalone_protocol")})
-    report = {"num_strategies": len(results), "kendall_tau": tau, "spearman_rho": rho,
-              "verdict": verdict, "protocols": protocols, "strategies": results}
-    files.write_json(os.path.join(out, "fidelity.json"), report)
+    spread = 100 * (max(b) - min(b)) if b else 0.0
+    return {"kendall_tau": tau, "spearman_rho": rho, "verdict": verdict,
+            "standalone_spread_points": spread, "protocols": protocols}
+
+
+def _write_md(path: str, report: dict) -> None:
+    results = report["strategies"]
+    source = ("the learned drop rates' samples (--mode=analyze)" if report["pool"] == "learned"
+              else "strategies drawn uniformly from the whole space")
     lines = ["# Ranking fidelity: inherited weights vs stand-alone training", "",
-             f"{len(results)} strategies spread over the inherited-weight ranking, each trained "
-             f"stand-alone with the template's budget. {verdict}", "",
-             "Evaluation protocols (video-level top-1): " + "; ".join(protocols) + ".", "",
-             "| sample | inherited video top-1 | stand-alone video top-1 | code |", "|---|---|---|---|"]
+             f"{len(results)} strategies spread over the inherited-weight ranking of {source}, "
+             f"each trained stand-alone with the template's budget; their stand-alone accuracies "
+             f"spread {report['standalone_spread_points']:.1f} points. {report['verdict']}", "",
+             "Evaluation protocols (video-level top-1): " + "; ".join(report["protocols"]) + ".",
+             "", "| sample | inherited video top-1 | stand-alone video top-1 | code |",
+             "|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['index']} | {100 * r['inherited_video_top1']:.1f} | "
                      f"{100 * r['standalone_video_top1']:.1f} | `{r['code']}` |")
-    files.write_text(os.path.join(out, "fidelity.md"), "\n".join(lines) + "\n")
-    return report
+    files.write_text(path, "\n".join(lines) + "\n")

@@ -132,6 +132,21 @@ def _fmt(x):
     return f"{100 * x:.1f}" if isinstance(x, float) and np.isfinite(x) else "–"
 
 
+def uniform_ranking(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfig,
+                    cfg: AnalysisConfig, log=print, jit_compile=False) -> list[dict]:
+    """Ranks ``cfg.num_samples`` strategies drawn with every drop rate at 0.5 (uniform over
+    the whole space) with the template's inherited weights, on the selection split, into
+    ``analysis/ranking_uniform.jsonl`` (resumable); the pool of ``fidelity`` "uniform"."""
+    gates = TemplateGates(model)
+    scorer = _scorer(model, gates, data_dir, cfg.selection_split, selection_input(input_cfg, cfg),
+                     jit_compile=compute.resolve_jit(jit_compile))
+    costs = _template_costs(model)
+    return ranking.rank(scorer, gates.positions, np.full_like(gates.drop_rates(), 0.5),
+                        cfg.num_samples, cfg.seed,
+                        os.path.join(model_dir, "analysis", "ranking_uniform.jsonl"), log=log,
+                        cost_fn=costs.row if costs else None)
+
+
 def _template_costs(model) -> cost.TemplateCosts | None:
     """Costs of the template's strategies; None for a functional model saved by an older
     version (no architecture config)."""
