@@ -218,7 +218,8 @@ flags.DEFINE_string("report_split", "test", "Split on which Opt and uniform stra
                     "reported.")
 flags.DEFINE_integer("recalibrate_batches", 0, "Also rank with BatchNorm statistics re-estimated "
                      "per sampled sub-network on this many training batches (0: off, as the "
-                     "authors); the report compares both rankings.", lower_bound=0)
+                     "authors); the report compares both rankings, and --mode=fidelity "
+                     "correlates both with stand-alone accuracy.", lower_bound=0)
 flags.DEFINE_float("max_gmacs", None, "Compute budget of Opt: the best sampled strategy whose "
                    "network needs at most this many GMACs (multiply-accumulates, 1e9) per clip "
                    "(default: no budget, the paper's Opt).")

@@ -130,6 +130,27 @@ def run_analyze(data_dir, model_dir):
           f"({result['report_protocol']['label']}): {comp}")
 
 
+def _fidelity_scoring(data_dir, model_dir):
+    """(the uniform pool's ranking or None, a BN re-calibrated scorer or None): what
+    --fidelity_pool and --recalibrate_batches ask of the trained template."""
+    if FLAGS.fidelity_pool == "learned" and FLAGS.recalibrate_batches == 0:
+        return None, None
+    from stfusion_tf.analysis import report
+    from stfusion_tf.model.template import TemplateGates
+    model, acfg, icfg = _load_template(data_dir, model_dir), cli.analysis_config(), cli.input_config()
+    ranked = recalibrated = None
+    if FLAGS.fidelity_pool == "uniform":
+        ranked = report.uniform_ranking(model, data_dir, model_dir, icfg, acfg, log=logging.info,
+                                        jit_compile=FLAGS.jit_compile)
+    if FLAGS.recalibrate_batches > 0:
+        scorer = report.recalibrated_scorer(model, TemplateGates(model), data_dir, icfg, acfg,
+                                            FLAGS.jit_compile)
+
+        def recalibrated(strategy):
+            return scorer.score(strategy)["video_top1"]
+    return ranked, recalibrated
+
+
 def run_fidelity(data_dir, model_dir):
     from stfusion_tf.analysis import fidelity
     from stfusion_tf.model import template as tpl
@@ -145,17 +166,13 @@ def run_fidelity(data_dir, model_dir):
                       init_fn=_template_init(strategy))
 
     positions = tpl.template_positions(cli.template_config())
-    ranked = None
-    if FLAGS.fidelity_pool == "uniform":
-        from stfusion_tf.analysis import report
-        ranked = report.uniform_ranking(_load_template(data_dir, model_dir), data_dir, model_dir,
-                                         cli.input_config(), cli.analysis_config(),
-                                         log=logging.info, jit_compile=FLAGS.jit_compile)
+    ranked, recalibrated = _fidelity_scoring(data_dir, model_dir)
     rep = fidelity.run(model_dir, positions, FLAGS.fidelity_strategies, train_one,
-                       pool=FLAGS.fidelity_pool, ranked=ranked)
+                       pool=FLAGS.fidelity_pool, ranked=ranked, recalibrated_fn=recalibrated)
     print(f"[fidelity] {model_dir}/analysis/{fidelity.report_name(FLAGS.fidelity_pool)}.md over "
-          f"{rep['num_strategies']} strategies: "
-          f"{rep['verdict']}")
+          f"{rep['num_strategies']} strategies: {rep['verdict']}" + (
+              f" BN re-calibrated: Kendall τ = {rep['recalibrated']['kendall_tau']}."
+              if "recalibrated" in rep else ""))
 
 
 def run_export(data_dir, model_dir, export_dir):

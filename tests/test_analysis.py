@@ -181,8 +181,12 @@ def test_uniform_fidelity_pool_covers_the_whole_space_whatever_was_learned(motio
     rep = fidelity.run(str(tmp_path), gates.positions, 3,
                        lambda st, d: {"steps": 1, "eval": {"val": {"video_top1": st.counts()["S"] / 10,
                                                                     "clip_top1": 0.0}}},
-                       log=lambda *a: None, pool="uniform", ranked=rows)
+                       log=lambda *a: None, pool="uniform", ranked=rows,
+                       recalibrated_fn=lambda st: st.counts()["S"] / 10)
     assert rep["pool"] == "uniform" and rep["num_strategies"] == 3
+    if len({r["standalone_video_top1"] for r in rep["strategies"]}) > 1:
+        assert rep["recalibrated"]["kendall_tau"] == pytest.approx(1.0)
+    assert "re-calibrated" in (tmp_path / "analysis/fidelity_uniform.md").read_text()
     assert (tmp_path / "analysis/fidelity_uniform.md").exists()
     assert not (tmp_path / "analysis/fidelity.json").exists()
     assert not (tmp_path / "analysis/ranking.jsonl").exists()

@@ -55,9 +55,11 @@ def report_name(pool: str) -> str:
 
 
 def run(model_dir: str, positions, k: int, train_fn, log=print, pool: str = "learned",
-        ranked: list[dict] | None = None) -> dict:
+        ranked: list[dict] | None = None, recalibrated_fn=None) -> dict:
     """``train_fn(strategy, run_dir) -> summary`` trains one strategy stand-alone;
-    ``ranked``: the pool's ranking rows (default: ``analysis/ranking.jsonl``)."""
+    ``ranked``: the pool's ranking rows (default: ``analysis/ranking.jsonl``);
+    ``recalibrated_fn(strategy) -> video top-1``: inherited weights with BatchNorm
+    re-estimated for that sub-network, correlated with stand-alone accuracy too."""
     name = report_name(pool)
     out = os.path.join(model_dir, "analysis")
     if ranked is None:
@@ -70,6 +72,12 @@ def run(model_dir: str, positions, k: int, train_fn, log=print, pool: str = "lea
     results = _train_all(chosen, positions, model_dir, name, train_fn, log)
     report = {"pool": pool, "num_strategies": len(results), **_correlate(results),
               "strategies": results}
+    if recalibrated_fn is not None:
+        for r, c in zip(results, chosen):
+            r["inherited_recalibrated_video_top1"] = recalibrated_fn(
+                FusionStrategy(tuple(positions), tuple(c["units"])))
+        tau, rho = _rank(results, "inherited_recalibrated_video_top1")
+        report["recalibrated"] = {"kendall_tau": tau, "spearman_rho": rho}
     files.write_json(os.path.join(out, f"{name}.json"), report)
     _write_md(os.path.join(out, f"{name}.md"), report)
     return report
@@ -89,7 +97,7 @@ def _train_all(chosen, positions, model_dir, name, train_fn, log) -> list[dict]:
             log(f"[fidelity] {i + 1}/{len(chosen)}: training {st.code()} stand-alone")
             summary = train_fn(st, os.path.join(model_dir, name, f"sample_{r['index']:05d}"))
             ev = next(iter(summary["eval"].values()))
-            row = {"key": r["key"], "index": r["index"], "code": r["code"],
+            row = {"key": r["key"], "index": r["index"], "code": r["code"], "units": r["units"],
                    "inherited_video_top1": r["video_top1"], "standalone_video_top1": ev["video_top1"],
                    "standalone_clip_top1": ev["clip_top1"], "steps": summary["steps"],
                    "inherited_protocol": r.get("protocol"),
@@ -99,15 +107,21 @@ def _train_all(chosen, positions, model_dir, name, train_fn, log) -> list[dict]:
     return results
 
 
+def _rank(results: list[dict], inherited: str) -> tuple:
+    """(Kendall's tau, Spearman's rho) of ``inherited`` vs stand-alone accuracy; None
+    where either side has no spread (JSON null)."""
+    from scipy import stats
+    a = [r[inherited] for r in results]
+    b = [r["standalone_video_top1"] for r in results]
+    if len(results) > 1 and len(set(a)) > 1 and len(set(b)) > 1:
+        return float(stats.kendalltau(a, b).statistic), float(stats.spearmanr(a, b).statistic)
+    return None, None
+
+
 def _correlate(results: list[dict]) -> dict:
     """Kendall's tau and Spearman's rho (None where either side has no spread), a verdict."""
-    from scipy import stats
-    a = [r["inherited_video_top1"] for r in results]
     b = [r["standalone_video_top1"] for r in results]
-    tau = rho = None  # undefined when either side has no spread (JSON null)
-    if len(results) > 1 and len(set(a)) > 1 and len(set(b)) > 1:
-        tau = float(stats.kendalltau(a, b).statistic)
-        rho = float(stats.spearmanr(a, b).statistic)
+    tau, rho = _rank(results, "inherited_video_top1")
     if tau is not None:
         verdict = (f"Kendall τ = {tau:.3f}, Spearman ρ = {rho:.3f} (1: the inherited ranking "
                    "orders them exactly as training them would).")
@@ -132,10 +146,18 @@ def _write_md(path: str, report: dict) -> None:
              f"{len(results)} strategies spread over the inherited-weight ranking of {source}, "
              f"each trained stand-alone with the template's budget; their stand-alone accuracies "
              f"spread {report['standalone_spread_points']:.1f} points. {report['verdict']}", "",
-             "Evaluation protocols (video-level top-1): " + "; ".join(report["protocols"]) + ".",
-             "", "| sample | inherited video top-1 | stand-alone video top-1 | code |",
-             "|---|---|---|---|"]
+             "Evaluation protocols (video-level top-1): " + "; ".join(report["protocols"]) + ".", ""]
+    recal = report.get("recalibrated")
+    if recal:
+        tau, rho = (f"{v:.3f}" if v is not None else "undefined"
+                    for v in (recal["kendall_tau"], recal["spearman_rho"]))
+        lines += [f"With BatchNorm statistics re-estimated for each strategy before scoring it "
+                  f"(--recalibrate_batches): Kendall τ = {tau}, Spearman ρ = {rho}.", ""]
+    head = "| sample | inherited video top-1 |" + (" re-calibrated |" if recal else "")
+    lines += [head + " stand-alone video top-1 | code |",
+              "|---|---|" + ("---|" if recal else "") + "---|---|"]
     for r in results:
-        lines.append(f"| {r['index']} | {100 * r['inherited_video_top1']:.1f} | "
+        cal = f" {100 * r['inherited_recalibrated_video_top1']:.1f} |" if recal else ""
+        lines.append(f"| {r['index']} | {100 * r['inherited_video_top1']:.1f} |{cal} "
                      f"{100 * r['standalone_video_top1']:.1f} | `{r['code']}` |")
     files.write_text(path, "\n".join(lines) + "\n")

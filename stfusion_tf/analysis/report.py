@@ -108,13 +108,20 @@ def _scorer(model, gates, data_dir, split, input_cfg, **kwargs):
                                   protocol=pipeline.protocol(input_cfg), **kwargs)
 
 
+def recalibrated_scorer(model, gates, data_dir, input_cfg, cfg: AnalysisConfig,
+                        jit_compile=False) -> ranking.StrategyScorer:
+    """Scores strategies on the selection split with BatchNorm statistics re-estimated per
+    sub-network on ``cfg.recalibrate_batches`` training batches."""
+    recal_ds = pipeline.train_dataset(data_dir, cfg.train_split, input_cfg).take(cfg.recalibrate_batches)
+    return _scorer(model, gates, data_dir, cfg.selection_split, selection_input(input_cfg, cfg),
+                   recalibration=recal_ds, jit_compile=compute.resolve_jit(jit_compile))
+
+
 def _recalibrated_ranking(model, gates, data_dir, input_cfg, cfg, rates, ranked, out, log,
                           jit_compile=False) -> dict:
     """Ranks the same samples with BatchNorm re-estimated per sub-network; compares."""
     from scipy import stats
-    recal_ds = pipeline.train_dataset(data_dir, cfg.train_split, input_cfg).take(cfg.recalibrate_batches)
-    scorer = _scorer(model, gates, data_dir, cfg.selection_split, selection_input(input_cfg, cfg),
-                     recalibration=recal_ds, jit_compile=jit_compile)
+    scorer = recalibrated_scorer(model, gates, data_dir, input_cfg, cfg, jit_compile)
     rows = ranking.rank(scorer, gates.positions, rates, cfg.num_samples, cfg.seed,
                         os.path.join(out, "ranking_bn_recalibrated.jsonl"), log=log)
     plain = {r["index"]: r["video_top1"] for r in ranked}
