@@ -6,6 +6,11 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stfusion-installed
 FLAGFILE ?= configs/synthetic_motion.flags
 PYTEST_ARGS ?=
+# Two pytest workers (pytest-xdist), whole files per worker so module fixtures (one trained
+# tiny run shared by several tests) are built once: much of the suite is single-threaded
+# (subprocess start-up, graph tracing), so two workers fill 2 cores.  TEST_WORKERS=0: serial.
+TEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 # seqeval (a Model Garden dependency) ships only an sdist whose legacy build breaks
@@ -27,11 +32,11 @@ demo: $(STAMP)
 	$(PY) -m stfusion_tf.main --flagfile=$(FLAGFILE)
 
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(XDIST) $(PYTEST_ARGS)
 
 # Skips the files tests.bzl lists as SLOW (end-to-end, distributed, export, entry point).
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/train_step.py
