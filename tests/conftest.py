@@ -27,11 +27,18 @@ def bazel_test_lists() -> dict:
     return out
 
 
+#: The longest files, run first: with two xdist workers (--dist loadfile) the suite then
+#: ends on short files instead of one worker finishing the end-to-end run alone.
+LONGEST_FIRST = ("test_end_to_end.py", "test_distributed.py", "test_faults.py")
+
+
 def pytest_collection_modifyitems(config, items):
     slow = set(bazel_test_lists()["SLOW"])
     for item in items:
         if item.path.name in slow:
             item.add_marker(pytest.mark.slow)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: keeps the rest
 
 
 @pytest.fixture(scope="session")
