@@ -123,8 +123,8 @@ def train(model: keras.Model, model_dir: str, data_dir: str, input_cfg: pipeline
         model.optimizer.finalize_variable_values(model.trainable_variables)
     cb.set_phase(model, variational=cfg.epochs > cfg.warmup_epochs)
     summary = _summary(model, cfg, distribution, chief, steps, n_train, history, total_steps)
-    if init is not None:
-        summary["init"] = init
+    warmup = _warmup_end(history, start, cfg) or _recorded_warmup_end(model_dir, start, cfg)
+    summary.update({k: v for k, v in (("warmup_end", warmup), ("init", init)) if v is not None})
     if not chief:
         shutil.rmtree(write_dir, ignore_errors=True)
         return summary
@@ -195,6 +195,28 @@ def _fit(model, distribution, train_ds, epochs, start_epoch, steps, global_batch
         h = model.fit(train_ds, epochs=epochs, initial_epoch=start_epoch,
                       steps_per_epoch=steps, callbacks=callbacks, verbose=verbose).history
     return {k: [float(v) for v in vals] for k, vals in h.items()}
+
+
+def _warmup_end(history: dict, start: int, cfg) -> dict | None:
+    """Train accuracy of the warm-up's last epoch, when this invocation trained it (a
+    template whose gates switch on mid-run): the report checks the template had learned
+    something before the drop rates started to move."""
+    acc = history.get("accuracy", [])
+    i = cfg.warmup_epochs - 1 - start
+    if not 0 < cfg.warmup_epochs < cfg.epochs or not 0 <= i < len(acc):
+        return None
+    return {"epoch": cfg.warmup_epochs, "train_accuracy": acc[i]}
+
+
+def _recorded_warmup_end(model_dir: str, start: int, cfg) -> dict | None:
+    """A run resumed after its warm-up keeps what the summary that trained it recorded."""
+    path = os.path.join(model_dir, SUMMARY_FILE)
+    if start < cfg.warmup_epochs or not os.path.exists(path):
+        return None
+    try:
+        return files.read_json(path).get("warmup_end")
+    except ValueError:
+        return None
 
 
 def _summary(model, cfg, distribution, chief, steps, n_train, history, total_steps) -> dict:

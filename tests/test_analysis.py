@@ -37,6 +37,22 @@ def test_marginal_files_and_plot():
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_warns_when_the_gates_switched_on_before_the_template_learned(tmp_path):
+    """Chance-level train accuracy at the end of the warm-up (fine motion, 1 of 3 seeds with
+    8 warm-up epochs) is named in the drop-rate verdict; a learned warm-up is not."""
+    from stfusion_tf import files
+    from stfusion_tf.analysis import report
+    model = T.build_template(T.preset("tiny"), 4)
+    rates = T.TemplateGates(model).drop_rates()
+    for acc, warned in ((0.27, True), (0.9, False)):
+        files.write_json(str(tmp_path / "train_summary.json"),
+                         {"warmup_end": {"epoch": 8, "train_accuracy": acc}})
+        moved = report._movement(model, str(tmp_path), rates)
+        assert ("before the template had learned" in moved["verdict"]) == warned
+        assert ("warmup_warning" in moved) == warned
+    assert M.warmup_check(None, 4) is None
+
+
 def test_sample_frequencies_match_drop_rates():
     p = np.array([[0.05, 0.5], [0.3, 0.9], [0.7, 0.2]])
     masks = ranking.sample_masks(p, 4000, seed=3)

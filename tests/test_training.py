@@ -29,6 +29,11 @@ def trained(motion_dir, tmp_path_factory):
     return {"run": run, "model": model, "cfg": cfg, "summary": summary}
 
 
+def test_summary_records_the_train_accuracy_at_the_end_of_the_warm_up(trained):
+    s = trained["summary"]
+    assert s["warmup_end"] == {"epoch": 1, "train_accuracy": s["history"]["accuracy"][0]}
+
+
 def test_gate_logits_have_their_own_optimizer_and_learning_rate(trained):
     opt = trained["model"].optimizer
     assert isinstance(opt, keras.optimizers.MultiOptimizer)

@@ -118,6 +118,22 @@ def movement(drop_rates, initial: float, threshold: float = 1.0) -> dict:
     return {"initial": initial, "moved": k, "gates": n, "min": lo, "max": hi, "verdict": verdict}
 
 
+def warmup_check(warmup_end: dict | None, num_classes: int, margin: float = 1.5) -> str | None:
+    """A warning when the warm-up ended with train accuracy below ``margin`` x chance: the
+    gates switched on before the template had learned the task, so no data term defended
+    any branch and the drop rates follow the regulariser alone (measured: fine motion with
+    an 8-epoch warm-up, 1 of 3 seeds, every drop rate -> 0.96-0.99)."""
+    if not warmup_end or num_classes < 2:
+        return None
+    acc, chance = warmup_end["train_accuracy"], 1.0 / num_classes
+    if acc >= margin * chance:
+        return None
+    return (f"The warm-up ended (epoch {warmup_end['epoch']}) at train accuracy {100 * acc:.1f}% "
+            f"(chance {100 * chance:.1f}%): the gates switched on before the template had learned "
+            "the task, so these drop rates say what the regulariser prefers, not what the data "
+            "needs; train again with a longer --warmup_epochs.")
+
+
 def temporal_use(drop_rates) -> dict:
     """Mean P(ST) + P(S+ST) (= the T branch's keep marginal) overall and in the lower and
     upper half of the positions; and the same for the S branch."""

@@ -154,6 +154,22 @@ def uniform_ranking(model, data_dir: str, model_dir: str, input_cfg: pipeline.In
                         cost_fn=costs.row if costs else None)
 
 
+def _movement(model, model_dir: str, rates) -> dict:
+    """Whether the drop rates moved, and a warning when the warm-up ended before the
+    template had learned (``train_summary.json``'s ``warmup_end``)."""
+    initial = getattr(getattr(model, "gate_config", None), "init_drop_rate", 0.1)
+    moved = marg.movement(rates, initial)
+    try:
+        warmup_end = files.read_json(os.path.join(model_dir, "train_summary.json")).get("warmup_end")
+    except (OSError, ValueError):
+        warmup_end = None
+    warning = marg.warmup_check(warmup_end, int(model.output_shape[-1]))
+    if warning:
+        moved["warmup_warning"] = warning
+        moved["verdict"] += " " + warning
+    return moved
+
+
 def _template_costs(model) -> cost.TemplateCosts | None:
     """Costs of the template's strategies; None for a functional model saved by an older
     version (no architecture config)."""
@@ -232,8 +248,7 @@ def analyze(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfi
     log(f"reporting split, inherited weights, video top-1 ({rep.protocol['label']}): " + ", ".join(
         f"{k} {_fmt(v['video_top1'])}" for k, v in comparison.items()))
     obs = observations(positions, rates, ranked[: cfg.top_k])
-    initial = getattr(getattr(model, "gate_config", None), "init_drop_rate", 0.1)
-    moved = marg.movement(rates, initial)
+    moved = _movement(model, model_dir, rates)
     log(moved["verdict"])
     result = {"dataset": manifest["name"], "selection_split": cfg.selection_split,
               "report_split": cfg.report_split, "num_samples": cfg.num_samples,
