@@ -169,10 +169,12 @@ def run_fidelity(data_dir, model_dir):
     ranked, recalibrated = _fidelity_scoring(data_dir, model_dir)
     rep = fidelity.run(model_dir, positions, FLAGS.fidelity_strategies, train_one,
                        pool=FLAGS.fidelity_pool, ranked=ranked, recalibrated_fn=recalibrated)
-    print(f"[fidelity] {model_dir}/analysis/{fidelity.report_name(FLAGS.fidelity_pool)}.md over "
-          f"{rep['num_strategies']} strategies: {rep['verdict']}" + (
-              f" BN re-calibrated: Kendall τ = {rep['recalibrated']['kendall_tau']}."
-              if "recalibrated" in rep else ""))
+    line = (f"[fidelity] {model_dir}/analysis/{fidelity.report_name(FLAGS.fidelity_pool)}.md "
+            f"over {rep['num_strategies']} strategies: {rep['verdict']}")
+    if "recalibrated" in rep:
+        tau = rep["recalibrated"]["kendall_tau"]
+        line += f" BN re-calibrated: Kendall τ = {'undefined' if tau is None else f'{tau:.3f}'}."
+    print(line)
 
 
 def run_export(data_dir, model_dir, export_dir):
