@@ -116,8 +116,9 @@ class Bench:
         return f"stand-alone motion seed {seed}", job
 
     def fidelity_path(self, task, seed, pool):
-        name = "fidelity" if pool == "learned" else f"fidelity_{pool}"
-        return os.path.join(self.run_dir(task, seed), "analysis", f"{name}.json")
+        from stfusion_tf.analysis import fidelity
+        return os.path.join(self.run_dir(task, seed), "analysis",
+                            f"{fidelity.report_name(pool)}.json")
 
     def fidelity_job(self, task, seed, pool):
         run = self.run_dir(task, seed)
@@ -296,7 +297,7 @@ def main():
     ap.add_argument("--standalone_epochs", type=int, default=20)
     ap.add_argument("--fidelity_strategies", type=int, default=12)
     ap.add_argument("--fidelity_task", default="motion", choices=tuple(TASKS))
-    ap.add_argument("--fidelity_pool", default="uniform", choices=("learned", "uniform"),
+    ap.add_argument("--fidelity_pool", default="uniform", choices=("learned", "uniform"),  # fidelity.POOLS
                     help="strategies of the fidelity check: the learned samples or drawn "
                     "uniformly from the space (see stfusion_tf/analysis/fidelity.py)")
     ap.add_argument("--skip", default="", help="comma list of: standalone, fidelity")
