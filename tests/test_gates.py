@@ -46,6 +46,28 @@ def test_warmup_has_no_regulariser_and_is_identity():
     assert float(g.losses[-1]) == 0.0
 
 
+
+def test_warmup_leaves_drop_logit_without_gradient_and_graph_without_control_flow():
+    """Warm-up: p gets no gradient.  The modes are selected arithmetically (tf.where),
+    not with tf.cond: ~120 gates x 3 conds had made the template's training graph
+    slow to build and ~1.5 GB heavier at its peak (docs/benchmarks.md)."""
+    g = _gate(p=0.5)
+    x = tf.random.normal((4, 2, 3, 3, 5))
+
+    @tf.function
+    def grads(x):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(g(x, training=True)) + tf.add_n(g.losses)
+        return tape.gradient(loss, [g.p_logit, g.layer.kernel])
+
+    for enabled in (False, True):
+        G.set_enabled([g], enabled)
+        dp, dw = grads(x)
+        assert (float(dp) != 0.0) == enabled
+        assert np.all(np.isfinite(dw))
+    ops = {op.type for op in grads.get_concrete_function(x).graph.get_operations()}
+    assert not ops & {"If", "StatelessIf", "Case", "StatelessCase"}
+
 def test_training_gate_drops_whole_paths_per_sample():
     g = G.VariationalDropPath(keras.layers.Conv3D(1, 1, use_bias=False, kernel_initializer="ones"),
                               init_drop_rate=0.5, temperature=0.05)

@@ -231,20 +231,23 @@ class VariationalDropPath(keras.layers.Wrapper):
         mask = tf.broadcast_to(tf.cast(tf.convert_to_tensor(self.mask), tf.float32), shape)
         enabled = tf.equal(tf.convert_to_tensor(self.enabled), 1)
         mode = tf.convert_to_tensor(self.inference_mode)
+        # Selected with tf.where, not tf.cond: every candidate is a [B,1,..] tensor or a
+        # scalar, while ~120 gates x 3 conds made the template's training graph ~3x
+        # slower to build and optimise and added ~1.5 GB to the process peak
+        # (benchmarks/train_step.py).  The unselected candidates get zero gradient.
         if training:
             # A fixed strategy (mask mode) also holds in training: fine-tuning or
             # re-calibrating BatchNorm of one sub-network, with no regulariser.
             fixed = tf.equal(mode, 1)
-            factor = tf.cond(fixed, lambda: mask, lambda: tf.cond(
-                enabled, lambda: self._relaxed(shape, p), lambda: ones))
+            factor = tf.where(fixed, mask,
+                              tf.where(enabled, self._relaxed(shape, p), ones))
             variational = tf.logical_and(enabled, tf.logical_not(fixed))
-            return factor, tf.cond(variational, self.regularization, lambda: tf.constant(0.0))
-        factor = tf.switch_case(mode, [
-            lambda: tf.cond(enabled, lambda: ones * self._expected(p), lambda: ones),
-            lambda: mask,
-            lambda: tf.cond(enabled, lambda: self._hard(shape, p), lambda: ones),
-            lambda: ones,
-        ])
+            return factor, tf.where(variational, self.regularization(), 0.0)
+        chosen = [tf.where(enabled, ones * self._expected(p), ones), mask,
+                  tf.where(enabled, self._hard(shape, p), ones), ones]
+        factor = chosen[-1]
+        for i in range(len(chosen) - 2, -1, -1):
+            factor = tf.where(tf.equal(mode, i), chosen[i], factor)
         return factor, None
 
     def call(self, inputs, training=None, multiplier_only=False):
