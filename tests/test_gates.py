@@ -68,6 +68,22 @@ def test_warmup_leaves_drop_logit_without_gradient_and_graph_without_control_flo
     ops = {op.type for op in grads.get_concrete_function(x).graph.get_operations()}
     assert not ops & {"If", "StatelessIf", "Case", "StatelessCase"}
 
+
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_gate_output_is_the_layer_of_the_scaled_input(use_bias):
+    """A bias-free conv is scaled at its output (fewer channels), any other layer at its
+    input: the same function either way."""
+    conv = keras.layers.Conv3D(3, (3, 1, 1), padding="same", use_bias=use_bias,
+                               bias_initializer="ones")
+    g = G.VariationalDropPath(conv)
+    x = tf.random.normal((2, 2, 3, 3, 5))
+    g(x)
+    assert g._scales_output == (not use_bias)
+    g.mask.assign(0.37)
+    G.set_inference_mode([g], "mask")
+    for training in (False, True):
+        np.testing.assert_allclose(g(x, training=training), conv(x * 0.37), rtol=1e-5, atol=1e-6)
+
 def test_training_gate_drops_whole_paths_per_sample():
     g = G.VariationalDropPath(keras.layers.Conv3D(1, 1, use_bias=False, kernel_initializer="ones"),
                               init_drop_rate=0.5, temperature=0.05)

@@ -258,7 +258,22 @@ class VariationalDropPath(keras.layers.Wrapper):
             self.add_loss(reg)
         if multiplier_only:
             return factor
+        if self._scales_output:
+            # layer(x * f) == layer(x) * f for a per-sample scalar f and a bias-free linear
+            # layer: scaling the output (and, backwards, its gradient) touches the
+            # bottleneck's 128 channels instead of a dense block's up to 1,024.
+            y = self.layer(inputs)
+            return y * tf.cast(factor, y.dtype)
         return self.layer(inputs * tf.cast(factor, inputs.dtype))
+
+    @property
+    def _scales_output(self) -> bool:
+        # Not in float16: the factor's gradient, a sum of dy * y over the loss-scaled conv
+        # output, overflows float16 and every step is skipped (tests/test_compute.py).
+        layer = self.layer
+        return (self.noise == "path" and isinstance(layer, keras.layers.Conv3D)
+                and not layer.use_bias and layer.activation in (None, keras.activations.linear)
+                and layer.compute_dtype != "float16")
 
     def compute_output_shape(self, input_shape):
         return self.layer.compute_output_shape(input_shape)
