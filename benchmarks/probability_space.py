@@ -290,6 +290,7 @@ def _chart(bench, rows):
 
 
 def main():
+    from stfusion_tf.analysis import fidelity  # light: no TensorFlow in the parent
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="runs/science")
     ap.add_argument("--seeds", type=int, default=3)
@@ -297,7 +298,7 @@ def main():
     ap.add_argument("--standalone_epochs", type=int, default=20)
     ap.add_argument("--fidelity_strategies", type=int, default=12)
     ap.add_argument("--fidelity_task", default="motion", choices=tuple(TASKS))
-    ap.add_argument("--fidelity_pool", default="uniform", choices=("learned", "uniform"),  # fidelity.POOLS
+    ap.add_argument("--fidelity_pool", default="uniform", choices=fidelity.POOLS,
                     help="strategies of the fidelity check: the learned samples or drawn "
                     "uniformly from the space (see stfusion_tf/analysis/fidelity.py)")
     ap.add_argument("--skip", default="", help="comma list of: standalone, fidelity")

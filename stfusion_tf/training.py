@@ -210,12 +210,14 @@ def _warmup_end(history: dict, start: int, cfg) -> dict | None:
 
 def _recorded_warmup_end(model_dir: str, start: int, cfg) -> dict | None:
     """A run resumed after its warm-up keeps what the summary that trained it recorded."""
-    path = os.path.join(model_dir, SUMMARY_FILE)
-    if start < cfg.warmup_epochs or not os.path.exists(path):
-        return None
+    return None if start < cfg.warmup_epochs else recorded_warmup_end(model_dir)
+
+
+def recorded_warmup_end(model_dir: str) -> dict | None:
+    """``warmup_end`` of the run's training summary; None without one (or an unreadable one)."""
     try:
-        return files.read_json(path).get("warmup_end")
-    except ValueError:
+        return files.read_json(os.path.join(model_dir, SUMMARY_FILE)).get("warmup_end")
+    except (OSError, ValueError):
         return None
 
 

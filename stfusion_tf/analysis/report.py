@@ -20,7 +20,7 @@ import os
 import numpy as np
 import tensorflow as tf
 
-from stfusion_tf import compute, evaluation, files
+from stfusion_tf import compute, evaluation, files, training
 from stfusion_tf.analysis import budget, cost
 from stfusion_tf.analysis import marginals as marg
 from stfusion_tf.analysis import ranking
@@ -159,11 +159,8 @@ def _movement(model, model_dir: str, rates) -> dict:
     template had learned (``train_summary.json``'s ``warmup_end``)."""
     initial = getattr(getattr(model, "gate_config", None), "init_drop_rate", 0.1)
     moved = marg.movement(rates, initial)
-    try:
-        warmup_end = files.read_json(os.path.join(model_dir, "train_summary.json")).get("warmup_end")
-    except (OSError, ValueError):
-        warmup_end = None
-    warning = marg.warmup_check(warmup_end, int(model.output_shape[-1]))
+    warning = marg.warmup_check(training.recorded_warmup_end(model_dir),
+                                int(model.output_shape[-1]))
     if warning:
         moved["warmup_warning"] = warning
         moved["verdict"] += " " + warning

@@ -232,9 +232,9 @@ class VariationalDropPath(keras.layers.Wrapper):
         enabled = tf.equal(tf.convert_to_tensor(self.enabled), 1)
         mode = tf.convert_to_tensor(self.inference_mode)
         # Selected with tf.where, not tf.cond: every candidate is a [B,1,..] tensor or a
-        # scalar, while ~120 gates x 3 conds made the template's training graph ~3x
-        # slower to build and optimise and added ~1.5 GB to the process peak
-        # (benchmarks/train_step.py).  The unselected candidates get zero gradient.
+        # scalar, while ~120 gates x 3 conds made the full template's first training step
+        # twice as slow to build and optimise and its float32 process peak 5.43 GB instead
+        # of 4.30 (benchmarks/train_step.py).  The unselected candidates get zero gradient.
         if training:
             # A fixed strategy (mask mode) also holds in training: fine-tuning or
             # re-calibrating BatchNorm of one sub-network, with no regulariser.
