@@ -69,6 +69,29 @@ def test_warmup_leaves_drop_logit_without_gradient_and_graph_without_control_flo
     assert not ops & {"If", "StatelessIf", "Case", "StatelessCase"}
 
 
+def test_training_gate_is_a_handful_of_ops_and_draws_tfps_relaxed_bernoulli():
+    """The full template has 122 gates, so a gate's graph size is the template's: TFP's
+    sample() cost ~45 shape and seed ops per gate.  The leaner draw must still be
+    RelaxedBernoulli(temperature, logits=p_logit) (as 1 - d)."""
+    import tensorflow_probability as tfp
+    g = G.VariationalDropPath(keras.layers.Conv3D(2, 1, use_bias=False), init_drop_rate=0.3,
+                              temperature=0.5)
+    x = tf.ones((20000, 1, 1, 1, 1))
+    g(x)
+
+    @tf.function
+    def factor(x):
+        return g.multiplier(x, training=True)[0]
+
+    graph = factor.get_concrete_function(tf.TensorSpec([None, 1, 1, 1, 1])).graph
+    assert len(graph.get_operations()) <= 90, len(graph.get_operations())  # TFP sample(): 124
+    d = 1.0 - factor(x).numpy().ravel()
+    ref = tfp.distributions.RelaxedBernoulli(0.5, logits=float(g.p_logit)).sample(
+        20000, seed=5).numpy()
+    q = np.linspace(0.05, 0.95, 19)
+    np.testing.assert_allclose(np.quantile(d, q), np.quantile(ref, q), atol=0.02)
+
+
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_gate_output_is_the_layer_of_the_scaled_input(use_bias):
     """A bias-free conv is scaled at its output (fewer channels), any other layer at its

@@ -67,6 +67,7 @@ REGULARIZERS = ("code", "paper")
 WEIGHT_TERMS = ("norm", "prior")
 NOISE_SHAPES = ("path", "feature")
 _EPS = 1e-7
+_TINY = float(np.finfo(np.float32).tiny)
 
 
 class StableRelaxedBernoulli(tfp.distributions.RelaxedBernoulli):
@@ -85,7 +86,13 @@ class StableRelaxedBernoulli(tfp.distributions.RelaxedBernoulli):
         shape = tf.concat([[n], self._batch_shape_tensor(temperature=temperature, logits=logits)], 0)
         tiny = np.finfo(dtype_util.as_numpy_dtype(logits.dtype)).tiny
         u = samplers.uniform(shape, minval=tiny, maxval=1.0, dtype=logits.dtype, seed=seed)
-        return tf.sigmoid((logits + tf.math.log(u) - tf.math.log1p(-u)) / temperature)
+        return self.sample_from_uniform(u)
+
+    def sample_from_uniform(self, u):
+        """The relaxed sample for uniform noise ``u`` in (0, 1) (any shape that
+        broadcasts with the batch shape): the reparameterisation ``sample`` uses."""
+        logits = self._logits_parameter_no_checks()
+        return tf.sigmoid((logits + tf.math.log(u) - tf.math.log1p(-u)) / self._temperature)
 
 
 def _check_choice(name, value, choices):
@@ -178,9 +185,10 @@ class VariationalDropPath(keras.layers.Wrapper):
             return tf.constant(n / max(self.length_scale, _EPS) ** 2)
         return tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(self.layer.kernel), tf.float32)))
 
-    def regularization(self):
-        """The variational regulariser of this gate (a scalar tensor)."""
-        p = self.drop_rate
+    def regularization(self, p=None):
+        """The variational regulariser of this gate (a scalar tensor); ``p``: the drop
+        rate if the caller already has it (one read of the logit per step)."""
+        p = self.drop_rate if p is None else p
         sq = self.squared_norm()
         n = float(self.dataset_size)
         k = self.length_scale
@@ -197,18 +205,20 @@ class VariationalDropPath(keras.layers.Wrapper):
 
     # -- forward --------------------------------------------------------------
     def _noise_shape(self, x):
-        batch = tf.shape(x)[0]
-        if self.noise == "feature":
-            return tf.concat([[batch], tf.ones([tf.rank(x) - 2], tf.int32),
-                              [tf.shape(x)[-1]]], axis=0)
-        return tf.concat([[batch], tf.ones([tf.rank(x) - 1], tf.int32)], axis=0)
+        # Static except for the batch: one Shape/StridedSlice/ConcatV2 per gate.
+        ones = [1] * (x.shape.rank - 2)
+        last = [self._num_features] if self.noise == "feature" else [1]
+        return tf.concat([tf.shape(x)[:1], ones + last], axis=0)
 
     def _keep_scale(self, p):
         return 1.0 / (1.0 - p) if self.rescale else 1.0
 
-    def _relaxed(self, shape, p):
-        dist = StableRelaxedBernoulli(self.temperature, logits=tf.convert_to_tensor(self.p_logit))
-        return (1.0 - dist.sample(shape)) * self._keep_scale(p)
+    def _relaxed(self, shape, logit, p):
+        # TFP's sample() adds ~45 shape and seed ops per gate (x 122 gates in the full
+        # template's graph); the same sample from one uniform draw costs a handful.
+        dist = StableRelaxedBernoulli(self.temperature, logits=logit)
+        u = tf.random.uniform(shape, minval=_TINY, maxval=1.0)
+        return (1.0 - dist.sample_from_uniform(u)) * self._keep_scale(p)
 
     def _hard(self, shape, p):
         keep = tf.cast(tf.random.uniform(shape) >= p, tf.float32)
@@ -226,9 +236,9 @@ class VariationalDropPath(keras.layers.Wrapper):
         drop logits, the relaxed sample and the regulariser.
         """
         shape = self._noise_shape(x)
-        p = self.drop_rate
-        ones = tf.ones(shape)
-        mask = tf.broadcast_to(tf.cast(tf.convert_to_tensor(self.mask), tf.float32), shape)
+        logit = tf.convert_to_tensor(self.p_logit)
+        p = tf.sigmoid(logit)
+        mask = tf.convert_to_tensor(self.mask)
         enabled = tf.equal(tf.convert_to_tensor(self.enabled), 1)
         mode = tf.convert_to_tensor(self.inference_mode)
         # Selected with tf.where, not tf.cond: every candidate is a [B,1,..] tensor or a
@@ -239,10 +249,10 @@ class VariationalDropPath(keras.layers.Wrapper):
             # A fixed strategy (mask mode) also holds in training: fine-tuning or
             # re-calibrating BatchNorm of one sub-network, with no regulariser.
             fixed = tf.equal(mode, 1)
-            factor = tf.where(fixed, mask,
-                              tf.where(enabled, self._relaxed(shape, p), ones))
+            factor = tf.where(fixed, mask, tf.where(enabled, self._relaxed(shape, logit, p), 1.0))
             variational = tf.logical_and(enabled, tf.logical_not(fixed))
-            return factor, tf.where(variational, self.regularization(), 0.0)
+            return factor, tf.where(variational, self.regularization(p), 0.0)
+        ones = tf.ones(shape)
         chosen = [tf.where(enabled, ones * self._expected(p), ones), mask,
                   tf.where(enabled, self._hard(shape, p), ones), ones]
         factor = chosen[-1]
