@@ -4,7 +4,8 @@ Every writer of the package goes through ``atomic_path``: the artefact (a file,
 or a folder such as a SavedModel) is written under a temporary name next to its
 place and renamed over it only when complete.  A crash, a full disk or an
 exception mid-write leaves the previous complete artefact (or nothing) and no
-temporary.  Result files that grow row by row (rankings, fidelity and
+temporary; a killed process's temporary is removed by the next write of the
+same artefact on that host.  Result files that grow row by row (rankings, fidelity and
 generalisation runs) are JSONL: one finished row per line, appended and
 flushed, so an interrupted run resumes and a torn last line is detected.
 """
@@ -15,14 +16,45 @@ import contextlib
 import json
 import os
 import shutil
+import socket
 
 
 def _temporary(path: str) -> str:
-    """``a/b.keras`` -> ``a/b.tmp<pid>.keras`` (Keras checks the extension); ``a/1`` ->
-    ``a/1.tmp<pid>``.  Per process, so two processes writing one artefact (workers of a
-    job) never rename each other's temporary away."""
+    """``a/b.keras`` -> ``a/b.tmp-<host>-<pid>.keras`` (Keras checks the extension);
+    ``a/1`` -> ``a/1.tmp-<host>-<pid>``.  Per process, so two processes writing one
+    artefact (workers of a job, maybe on a shared file system) never rename each
+    other's temporary away."""
     root, ext = os.path.splitext(path)
-    return f"{root}.tmp{os.getpid()}{ext}"
+    return f"{_temporary_prefix(root)}{os.getpid()}{ext}"
+
+
+def _temporary_prefix(root: str) -> str:
+    return f"{root}.tmp-{socket.gethostname()}-"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, not ours to signal
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: str) -> None:
+    """Temporaries of ``path`` left by killed processes of this host (``kill -9`` runs no
+    cleanup): a model's temporary is as large as the model, and each kill left one more."""
+    root, ext = os.path.splitext(path)
+    prefix = _temporary_prefix(root)
+    parent = os.path.dirname(os.path.abspath(path))
+    for name in os.listdir(parent):
+        full = os.path.join(parent, name)
+        if not full.startswith(prefix) or not full.endswith(ext):
+            continue
+        pid = full[len(prefix):len(full) - len(ext)] if ext else full[len(prefix):]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            _remove(full)
 
 
 def _remove(path: str) -> None:
@@ -43,6 +75,7 @@ def atomic_path(path: str):
     _remove(tmp)
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
+    _remove_stale_temporaries(path)
     try:
         yield tmp
     except BaseException:

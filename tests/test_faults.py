@@ -376,6 +376,25 @@ def test_two_processes_writing_one_artefact_never_collide(tmp_path):
     assert os.listdir(tmp_path) == ["run.json"]  # no temporary left
 
 
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
+    """kill -9 runs no cleanup: the temporary stays until the artefact is written again on
+    this host; a live process's temporary (another writer) is left alone."""
+    import signal
+    path = str(tmp_path / "template.keras")
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        with files.atomic_path(path) as tmp:
+            with open(tmp, "w") as f:
+                f.write("half a model")
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert len(os.listdir(tmp_path)) == 1 and not os.path.exists(path)  # the torn temporary
+    live = files._temporary(path).replace(str(os.getpid()), str(os.getppid()))
+    open(live, "w").close()
+    files.write_text(path, "complete")
+    assert sorted(os.listdir(tmp_path)) == sorted(["template.keras", os.path.basename(live)])
+
+
 def test_torn_and_garbled_jsonl_lines_are_skipped_and_counted(tmp_path):
     path = str(tmp_path / "ranking.jsonl")
     with files.JsonlAppender(path) as f:
