@@ -22,6 +22,7 @@
 
 from __future__ import annotations
 
+import functools
 import glob
 import math
 import os
@@ -111,7 +112,26 @@ class StopOnNonFinite(keras.callbacks.Callback):
 
 def checkpoint_problem(prefix: str) -> str | None:
     """None when every tensor of the checkpoint ``prefix`` reads back (TensorFlow checks
-    each tensor's CRC32C), else why not, in one line."""
+    each tensor's CRC32C), else why not, in one line.  A resumed run asks twice about
+    the same files (which phase it is in, then the restore); the answer is kept while
+    the files' sizes and modification times stay the same."""
+    return _checkpoint_problem(prefix, _file_stamp(prefix))
+
+
+def _file_stamp(prefix: str) -> tuple:
+    stamp = []
+    for path in sorted(glob.glob(glob.escape(prefix) + ".*")):
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        stamp.append((path, st.st_size, st.st_mtime_ns))
+    return tuple(stamp)
+
+
+@functools.lru_cache(maxsize=8)
+def _checkpoint_problem(prefix: str, stamp: tuple) -> str | None:
+    del stamp  # the cache key only
     try:
         reader = tf.train.load_checkpoint(prefix)
         for name in reader.get_variable_to_shape_map():

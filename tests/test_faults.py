@@ -294,6 +294,24 @@ def test_every_checkpoint_damaged_stops_instead_of_starting_over(compiled_model,
     assert len(os.listdir(f"{d}/damaged")) == 5
 
 
+def test_a_checkpoint_is_read_through_once_until_its_files_change(compiled_model, tmp_path,
+                                                                    monkeypatch):
+    """Resuming asks about the newest checkpoint twice (its epoch, then the restore): one
+    full read of a model-sized file, not two; a file changed since is read again."""
+    import tensorflow as tf
+    from stfusion_tf import callbacks as cb
+    d = str(tmp_path / "checkpoints")
+    cb.AtomicCheckpoint(d, 3).attach(compiled_model).on_epoch_end(0)
+    reads = []
+    load = tf.train.load_checkpoint
+    monkeypatch.setattr(tf.train, "load_checkpoint", lambda p: reads.append(p) or load(p))
+    assert cb.checkpoint_epoch(d) == 1
+    assert cb.AtomicCheckpoint(d, 3).attach(compiled_model).restore(log=lambda *a: None) == 1
+    assert len(reads) == 1
+    _overwrite(f"{d}/ckpt-1.index", 20, b"\x00" * 64)
+    assert cb.checkpoint_problem(f"{d}/ckpt-1") is not None and len(reads) == 2
+
+
 def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(compiled_model, tmp_path):
     from stfusion_tf import callbacks as cb
     d = str(tmp_path / "checkpoints")
