@@ -143,8 +143,8 @@ def _fidelity_scoring(data_dir, model_dir):
         ranked = report.uniform_ranking(model, data_dir, model_dir, icfg, acfg, log=logging.info,
                                         jit_compile=FLAGS.jit_compile)
     if FLAGS.recalibrate_batches > 0:
-        scorer = report.recalibrated_scorer(model, TemplateGates(model), data_dir, icfg, acfg,
-                                            FLAGS.jit_compile)
+        scorer = report.selection_scorer(model, TemplateGates(model), data_dir, icfg, acfg,
+                                         FLAGS.jit_compile, recalibrate=True)
 
         def recalibrated(strategy):
             return scorer.score(strategy)["video_top1"]

@@ -108,11 +108,15 @@ def _scorer(model, gates, data_dir, split, input_cfg, **kwargs):
                                   protocol=pipeline.protocol(input_cfg), **kwargs)
 
 
-def recalibrated_scorer(model, gates, data_dir, input_cfg, cfg: AnalysisConfig,
-                        jit_compile=False) -> ranking.StrategyScorer:
-    """Scores strategies on the selection split with BatchNorm statistics re-estimated per
-    sub-network on ``cfg.recalibrate_batches`` training batches."""
-    recal_ds = pipeline.train_dataset(data_dir, cfg.train_split, input_cfg).take(cfg.recalibrate_batches)
+def selection_scorer(model, gates, data_dir, input_cfg, cfg: AnalysisConfig, jit_compile=False,
+                     recalibrate: bool = False) -> ranking.StrategyScorer:
+    """Scores strategies on the selection split (its protocol); with ``recalibrate``,
+    BatchNorm statistics re-estimated per sub-network on ``cfg.recalibrate_batches``
+    training batches."""
+    recal_ds = None
+    if recalibrate:
+        recal_ds = pipeline.train_dataset(data_dir, cfg.train_split, input_cfg).take(
+            cfg.recalibrate_batches)
     return _scorer(model, gates, data_dir, cfg.selection_split, selection_input(input_cfg, cfg),
                    recalibration=recal_ds, jit_compile=compute.resolve_jit(jit_compile))
 
@@ -121,7 +125,7 @@ def _recalibrated_ranking(model, gates, data_dir, input_cfg, cfg, rates, ranked,
                           jit_compile=False) -> dict:
     """Ranks the same samples with BatchNorm re-estimated per sub-network; compares."""
     from scipy import stats
-    scorer = recalibrated_scorer(model, gates, data_dir, input_cfg, cfg, jit_compile)
+    scorer = selection_scorer(model, gates, data_dir, input_cfg, cfg, jit_compile, recalibrate=True)
     rows = ranking.rank(scorer, gates.positions, rates, cfg.num_samples, cfg.seed,
                         os.path.join(out, "ranking_bn_recalibrated.jsonl"), log=log)
     plain = {r["index"]: r["video_top1"] for r in ranked}
@@ -145,8 +149,7 @@ def uniform_ranking(model, data_dir: str, model_dir: str, input_cfg: pipeline.In
     the whole space) with the template's inherited weights, on the selection split, into
     ``analysis/ranking_uniform.jsonl`` (resumable); the pool of ``fidelity`` "uniform"."""
     gates = TemplateGates(model)
-    scorer = _scorer(model, gates, data_dir, cfg.selection_split, selection_input(input_cfg, cfg),
-                     jit_compile=compute.resolve_jit(jit_compile))
+    scorer = selection_scorer(model, gates, data_dir, input_cfg, cfg, jit_compile)
     costs = _template_costs(model)
     return ranking.rank(scorer, gates.positions, np.full_like(gates.drop_rates(), 0.5),
                         cfg.num_samples, cfg.seed,
@@ -215,8 +218,7 @@ def analyze(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfi
     files.write_text(os.path.join(out, "marginals.json"), marg.to_json(rows))
     files.write_text(os.path.join(out, "marginals.csv"), marg.to_csv(rows))
 
-    sel = _scorer(model, gates, data_dir, cfg.selection_split, selection_input(input_cfg, cfg),
-                  jit_compile=jit_compile)
+    sel = selection_scorer(model, gates, data_dir, input_cfg, cfg, jit_compile)
     ranked = ranking.rank(sel, positions, rates, cfg.num_samples, cfg.seed,
                           os.path.join(out, "ranking.jsonl"), log=log,
                           cost_fn=costs.row if costs else None)
