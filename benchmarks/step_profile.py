@@ -35,17 +35,13 @@ def profile_step(case: str, memory_efficient: bool) -> dict:
     import keras
     import tensorflow as tf
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
-    from stfusion_tf.model import gates as G
-    from stfusion_tf.model import template as T
-    cfg = (T.preset("densenet121", num_frames=16, crop_size=112) if case == "full"
-           else T.preset(case))
-    model = T.build_template(cfg, 174, T.GateConfig(dataset_size=86017, length_scale=250),
-                             memory_efficient=memory_efficient)
-    G.set_enabled(G.gate_layers(model), True)
+    from train_step import _build  # the same template, shape and gates as the speed benchmark
+    shapes = argparse.Namespace(full_frames=16, full_crop=112, full_batch=2)
+    model, _, clip = _build(case, shapes, memory_efficient)
     model.compile(optimizer=keras.optimizers.SGD(0.001, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.optimizer.build(model.trainable_variables)
-    x = tf.random.uniform((2, cfg.num_frames, cfg.crop_size, cfg.crop_size, 3), 0, 255)
+    x = tf.random.uniform((2,) + clip, 0, 255)
     y = tf.zeros((2,), tf.int32)
     model.train_on_batch(x, y)
     model.train_on_batch(x, y)
