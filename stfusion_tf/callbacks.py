@@ -114,7 +114,7 @@ def checkpoint_problem(prefix: str) -> str | None:
     """None when every tensor of the checkpoint ``prefix`` reads back (TensorFlow checks
     each tensor's CRC32C), else why not, in one line.  A resumed run asks twice about
     the same files (which phase it is in, then the restore); the answer is kept while
-    the files' sizes and modification times stay the same."""
+    the files' inodes, sizes and modification / change times stay the same."""
     return _checkpoint_problem(prefix, _file_stamp(prefix))
 
 
@@ -125,7 +125,7 @@ def _file_stamp(prefix: str) -> tuple:
             st = os.stat(path)
         except OSError:
             continue
-        stamp.append((path, st.st_size, st.st_mtime_ns))
+        stamp.append((path, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
     return tuple(stamp)
 
 

@@ -17,6 +17,9 @@ import json
 import os
 import shutil
 import socket
+import time
+
+_STALE_SECONDS = 600
 
 
 def _temporary(path: str) -> str:
@@ -44,17 +47,23 @@ def _alive(pid: int) -> bool:
 
 def _remove_stale_temporaries(path: str) -> None:
     """Temporaries of ``path`` left by killed processes of this host (``kill -9`` runs no
-    cleanup): a model's temporary is as large as the model, and each kill left one more."""
+    cleanup): a model's temporary is as large as the model, and each kill left one more.
+    Best effort: only those of dead pids untouched for ``_STALE_SECONDS`` (a writer in
+    another pid namespace with the same host name looks dead, but its temporary is fresh)."""
     root, ext = os.path.splitext(path)
-    prefix = _temporary_prefix(root)
+    prefix = os.path.basename(_temporary_prefix(root))
     parent = os.path.dirname(os.path.abspath(path))
     for name in os.listdir(parent):
-        full = os.path.join(parent, name)
-        if not full.startswith(prefix) or not full.endswith(ext):
+        if not name.startswith(prefix) or not name.endswith(ext):
             continue
-        pid = full[len(prefix):len(full) - len(ext)] if ext else full[len(prefix):]
-        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            _remove(full)
+        pid = name[len(prefix):len(name) - len(ext)]
+        full = os.path.join(parent, name)
+        try:
+            if (pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid))
+                    and time.time() - os.path.getmtime(full) > _STALE_SECONDS):
+                _remove(full)
+        except OSError:  # removed by another writer meanwhile, or not ours to remove
+            pass
 
 
 def _remove(path: str) -> None:

@@ -394,9 +394,9 @@ def test_two_processes_writing_one_artefact_never_collide(tmp_path):
     assert os.listdir(tmp_path) == ["run.json"]  # no temporary left
 
 
-def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
+def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path, monkeypatch):
     """kill -9 runs no cleanup: the temporary stays until the artefact is written again on
-    this host; a live process's temporary (another writer) is left alone."""
+    this host once it is stale; a live process's temporary (another writer) is left alone."""
     import signal
     path = str(tmp_path / "template.keras")
     pid = os.fork()
@@ -406,10 +406,17 @@ def test_a_killed_writers_temporary_is_removed_by_the_next_write(tmp_path):
                 f.write("half a model")
             os.kill(os.getpid(), signal.SIGKILL)
     os.waitpid(pid, 0)
-    assert len(os.listdir(tmp_path)) == 1 and not os.path.exists(path)  # the torn temporary
-    live = files._temporary(path).replace(str(os.getpid()), str(os.getppid()))
+    (torn,) = os.listdir(tmp_path)
+    assert not os.path.exists(path)
+    files.write_text(path, "complete")  # a fresh temporary stays: its writer may live elsewhere
+    assert sorted(os.listdir(tmp_path)) == sorted(["template.keras", torn])
+    old = time.time() - 3600
+    os.utime(tmp_path / torn, (old, old))
+    live = files._temporary_prefix(str(tmp_path / "template")) + f"{os.getppid()}.keras"
     open(live, "w").close()
-    files.write_text(path, "complete")
+    os.utime(live, (old, old))
+    monkeypatch.chdir(tmp_path)  # a relative path, as --model_dir usually is
+    files.write_text("template.keras", "complete")
     assert sorted(os.listdir(tmp_path)) == sorted(["template.keras", os.path.basename(live)])
 
 

@@ -205,6 +205,10 @@ class VariationalDropPath(keras.layers.Wrapper):
 
     # -- forward --------------------------------------------------------------
     def _noise_shape(self, x):
+        if x.shape.rank is None:
+            ones = tf.ones([tf.rank(x) - 2], tf.int32)
+            last = tf.shape(x)[-1:] if self.noise == "feature" else [1]
+            return tf.concat([tf.shape(x)[:1], ones, last], axis=0)
         # Static except for the batch: one Shape/StridedSlice/ConcatV2 per gate.
         ones = [1] * (x.shape.rank - 2)
         last = [self._num_features] if self.noise == "feature" else [1]
