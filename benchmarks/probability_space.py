@@ -168,6 +168,10 @@ def standalone_rows(bench) -> dict:
     return out
 
 
+def _num(x) -> str:
+    return "undefined" if x is None else f"{x:.3f}"
+
+
 def _pct(runs) -> str:
     return ", ".join(f"{100 * r['val_video_top1']:.1f}" for r in runs)
 
@@ -217,14 +221,14 @@ def expectations(rows, standalone, fidelity) -> list[dict]:
         tau = fidelity["kendall_tau"]
         add("fidelity: Kendall tau >= 0.6 over >= 12 strategies spreading >= 10 points",
             tau is not None and tau >= 0.6 and len(st) >= 12 and spread >= 0.10,
-            f"tau {tau}, {len(st)} strategies ({fidelity.get('pool', 'learned')} pool), "
+            f"tau {_num(tau)}, {len(st)} strategies ({fidelity.get('pool', 'learned')} pool), "
             f"stand-alone spread {100 * spread:.1f} points")
         recal = (fidelity.get("recalibrated") or {}).get("kendall_tau")
         if recal is not None or "recalibrated" in fidelity:
             add("fidelity with BN re-calibrated per strategy (not the authors' ranking): "
                 "Kendall tau >= 0.6, same strategies",
                 recal is not None and recal >= 0.6 and len(st) >= 12 and spread >= 0.10,
-                f"tau {recal}")
+                f"tau {_num(recal)}")
     return out
 
 
