@@ -44,7 +44,7 @@ def test_tiny_backbones_build_each_unit_and_a_mixed_strategy(name):
     for st in [FusionStrategy.uniform(pos, u) for u in ("S", "ST", "S+ST")] + [mixed]:
         model = B.build_backbone(cfg, st, 5)
         assert model(x, training=False).shape == (2, 5)
-        names = {l.name for l in model.layers}
+        names = set(T.layers_by_name(model))  # fusion units nest their branches
         for p, unit in zip(st.positions, st.units):
             s_layer, t_layer = _branch_names(cfg, p)
             assert (s_layer in names) == (unit in ("S", "S+ST")), (p, unit)
@@ -67,9 +67,17 @@ def _branch_names(cfg, position):
 def test_backbones_reject_bad_strategies():
     cfg = B.preset("resnet_tiny")
     pos = B.positions(cfg)
-    with pytest.raises(ValueError, match="'none'"):
-        B.build_backbone(cfg, FusionStrategy(pos, ("none",) + ("S",) * (len(pos) - 1)), 3)
-    with pytest.raises(ValueError, match="positions"):
+    # 'none' needs a residual block: every ResNet block has one, MobileNetV2's M2.B1
+    # (wider, stride 2) and every DenseNet position do not.
+    mobile = B.preset("mobilenetv2_tiny")
+    mpos = B.positions(mobile)
+    with pytest.raises(UserError, match="'none'.* at M2.B1: no residual path"):
+        B.build_backbone(mobile, FusionStrategy(mpos, ("S", "none") + ("S",) * (len(mpos) - 2)), 3)
+    dense = B.preset("densenet_tiny")
+    dpos = B.positions(dense)
+    with pytest.raises(UserError, match="'none'.* at B1.L1"):
+        B.build_backbone(dense, FusionStrategy(dpos, ("none",) + ("S",) * (len(dpos) - 1)), 3)
+    with pytest.raises(UserError, match="positions are 4: C2.B1, C3.B1, C4.B1, C5.B1"):
         B.build_backbone(cfg, FusionStrategy.uniform(("B1.L1",), "S"), 3)
     with pytest.raises(ValueError, match="valid backbones: resnet50"):
         B.preset("vgg")

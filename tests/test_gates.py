@@ -202,7 +202,7 @@ def test_save_load_keeps_drop_rates_weights_and_state(tmp_path):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     x = tf.random.normal((2, 8, 32, 32, 3))
     np.testing.assert_allclose(model(x), loaded(x), rtol=1e-5, atol=1e-5)
-    assert loaded.get_layer("b1_l1_s_gate").get_config()["dataset_size"] == 10
+    assert T.layers_by_name(loaded)["b1_l1_s_gate"].get_config()["dataset_size"] == 10
 
 
 def test_mask_mode_holds_in_training_without_regulariser():

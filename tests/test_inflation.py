@@ -18,7 +18,8 @@ FRAMES = 4
 def _randomize_bn(model, calibrate):
     """Random BN affine parameters, then moving statistics set to a batch's own (momentum
     0 for one training-mode pass), so activations keep a sane scale through 121 layers."""
-    bns = [l for l in model.layers if isinstance(l, keras.layers.BatchNormalization)]
+    bns = [l for l in T.layers_by_name(model).values()  # fusion units nest their BNs
+           if isinstance(l, keras.layers.BatchNormalization)]
     for l in bns:
         g, b, m, v = l.weights
         l.set_weights([_RNG.uniform(0.5, 1.5, g.shape), _RNG.normal(0, 0.1, b.shape),

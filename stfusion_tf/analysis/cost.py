@@ -6,6 +6,9 @@ cost of everything outside the fusion units plus, per position, the cost of
 its 1x1x1 (S) and 3x1x1 (T) branch.  A strategy's cost is the fixed part plus
 the branches it keeps; it is the cost of its gate-free network
 (``template.strategy_network``), one clip of the template's input size.
+``network_costs`` gives the same from any built template (ResNet and MobileNetV2
+too), where a ``none`` unit on a residual block also removes the rest of that
+block's residual path.
 
 Conventions (those of fvcore / ptflops): MACs of convolutions and fully
 connected layers only, each output element costing its kernel's full
@@ -46,15 +49,20 @@ class TemplateCosts:
     fixed: Cost
     s_branch: tuple[Cost, ...]
     t_branch: tuple[Cost, ...]
+    #: Per position, the rest of its residual block (removed with a ``none`` unit);
+    #: empty: no position is on a residual block (the DenseNet template).
+    block: tuple[Cost, ...] = ()
 
     def of(self, strategy: FusionStrategy) -> Cost:
         """Cost of the gate-free network of ``strategy``."""
         if tuple(strategy.positions) != self.positions:
             raise ValueError("the strategy's positions are not the template's")
         total = self.fixed
-        for unit, s, t in zip(strategy.units, self.s_branch, self.t_branch):
+        blocks = self.block or (Cost(),) * len(self.positions)
+        for unit, s, t, block in zip(strategy.units, self.s_branch, self.t_branch, blocks):
             keep_s, keep_t = UNIT_TO_KEEP[unit]
             total = total + (s if keep_s else Cost()) + (t if keep_t else Cost())
+            total = total + (block if keep_s or keep_t else Cost())
         return total
 
     def row(self, strategy: FusionStrategy) -> dict:
@@ -112,41 +120,119 @@ def template_costs(config, num_classes: int) -> TemplateCosts:
     return TemplateCosts(template_positions(config), fixed, tuple(s_costs), tuple(t_costs))
 
 
+def _shape_probe(model, input_shape):
+    """(layer, output elements per clip) of every top-level layer of ``model`` that
+    computes MACs: Conv3D, ``DepthwiseConv3D``, Dense (also behind a gate) and
+    ``FusionUnit``."""
+    import keras
+    from stfusion_tf.model.backbones import input_geometry
+    from stfusion_tf.model.fusion import FusionUnit
+    from stfusion_tf.model.gates import VariationalDropPath
+    from stfusion_tf.model.layers3d import DepthwiseConv3D
+    shape = tuple(input_shape or input_geometry(model))
+    if None in shape:
+        raise ValueError(f"{model.name} takes any frame size: give model_macs an input_shape")
+    kinds = (keras.layers.Conv3D, DepthwiseConv3D, keras.layers.Dense, FusionUnit)
+    layers = [l for l in model.layers
+              if isinstance(l.layer if isinstance(l, VariationalDropPath) else l, kinds)]
+    # The networks are fully convolutional in space: shapes come from propagating a clip
+    # of this shape through the graph (shape inference only, nothing is computed).
+    outputs = [l.output[0] if isinstance(l.output, (list, tuple)) else l.output for l in layers]
+    probe = keras.Model(model.inputs, outputs)
+    specs = probe.compute_output_spec(keras.KerasTensor((1, *shape)))
+    return [(l, int(np.prod(spec.shape[1:]))) for l, spec in zip(layers, specs)]
+
+
+def _kernel_macs(layer, out: int) -> int:
+    """MACs of one kernel layer (no gate, no fusion unit) with ``out`` output elements."""
+    import keras
+    from stfusion_tf.model.layers3d import DepthwiseConv3D
+    if isinstance(layer, keras.layers.Conv3D):
+        cin = int(layer.kernel.shape[-2])  # already divided by the groups
+        return out * int(np.prod(layer.kernel_size)) * cin
+    if isinstance(layer, DepthwiseConv3D):
+        return out * layer.kernel_size ** 2
+    return out * int(layer.kernel.shape[0])
+
+
 def model_macs(model, input_shape=None) -> int:
     """MACs of one clip of ``input_shape`` (frames, height, width, channels; default: the
     geometry the network trains on, ``backbones.input_geometry``) through a built Keras
     model, from its layers' output shapes.
 
     Counts Conv3D (grouped too), ``DepthwiseConv3D`` and Dense layers, also
-    inside Variational DropPath wrappers; the same conventions as
+    inside Variational DropPath wrappers and fusion units; the same conventions as
     ``template_costs``.
     """
-    import keras
-    from stfusion_tf.model.backbones import input_geometry
-    from stfusion_tf.model.gates import VariationalDropPath
-    from stfusion_tf.model.layers3d import DepthwiseConv3D
-    shape = tuple(input_shape or input_geometry(model))
-    if None in shape:
-        raise ValueError(f"{model.name} takes any frame size: give model_macs an input_shape")
-    layers = [l for l in model.layers if isinstance(
-        l.layer if isinstance(l, VariationalDropPath) else l,
-        (keras.layers.Conv3D, DepthwiseConv3D, keras.layers.Dense))]
-    # The networks are fully convolutional in space: shapes come from propagating a clip
-    # of this shape through the graph (shape inference only, nothing is computed).
-    probe = keras.Model(model.inputs, [l.output for l in layers])
-    shapes = probe.compute_output_spec(keras.KerasTensor((1, *shape)))
+    from stfusion_tf.model.fusion import FusionUnit
     total = 0
-    for layer, spec in zip(layers, shapes):
-        inner = layer.layer if isinstance(layer, VariationalDropPath) else layer
-        out = int(np.prod(spec.shape[1:]))
-        if isinstance(inner, keras.layers.Conv3D):
-            cin = int(inner.kernel.shape[-2])  # already divided by the groups
-            total += out * int(np.prod(inner.kernel_size)) * cin
-        elif isinstance(inner, DepthwiseConv3D):
-            total += out * inner.kernel_size ** 2
-        else:
-            total += out * int(inner.kernel.shape[0])
+    for layer, out in _shape_probe(model, input_shape):
+        inner = getattr(layer, "layer", layer)
+        convs = layer.convs if isinstance(layer, FusionUnit) else [inner]
+        total += sum(_kernel_macs(c, out) for c in convs)
     return int(total)
+
+
+def _params(layer) -> int:
+    """Trainable parameters of a layer in the gate-free network (no drop logits)."""
+    return int(sum(np.prod(w.shape) for w in layer.trainable_weights
+                   if not w.path.endswith("p_logit")))
+
+
+def _residual_paths(model) -> dict:
+    """Fusion unit name -> names of the other layers on its block's residual path: from
+    the ``BlockKeep`` that scales the path back to the block's input (the first tensor
+    that also feeds another layer, the shortcut)."""
+    from stfusion_tf.model.fusion import BlockKeep, FusionUnit
+    out = {}
+    for layer in model.layers:
+        if not isinstance(layer, BlockKeep):
+            continue
+        names, unit, node = [], None, layer._inbound_nodes[0].parent_nodes[0]
+        while True:
+            op = node.operation
+            if isinstance(op, FusionUnit):
+                unit = op.name
+            elif len(op._outbound_nodes) > 1 or not node.parent_nodes:
+                break
+            else:
+                names.append(op.name)
+            node = node.parent_nodes[0]
+        out[unit] = names
+    return out
+
+
+def network_costs(model) -> TemplateCosts:
+    """``TemplateCosts`` of any gated template (DenseNet, ResNet, MobileNetV2) from its
+    built layers: per position the S and T branch (their pre-activation BN included)
+    and, on a residual block, the rest of the block's residual path, which a ``none``
+    unit removes with the branches."""
+    from stfusion_tf.model.fusion import FusionUnit
+    by_layer = dict(_shape_probe(model, None))
+    units = {l.key: l for l in model.layers if isinstance(l, FusionUnit)}
+    paths = _residual_paths(model)
+    on_path = {n: u for u, names in paths.items() for n in names}
+    fixed, blocks = Cost(), {}
+    for layer in model.layers:
+        if isinstance(layer, FusionUnit):
+            continue
+        inner = getattr(layer, "layer", layer)
+        c = Cost(_kernel_macs(inner, by_layer[layer]) if layer in by_layer else 0, _params(layer))
+        if layer.name in on_path:
+            blocks[on_path[layer.name]] = blocks.get(on_path[layer.name], Cost()) + c
+        else:
+            fixed = fixed + c
+    s_costs, t_costs, block_costs = [], [], []
+    for position in model.positions:
+        unit = units[position.lower().replace(".", "_")]
+        out = by_layer[unit]
+        branch = {letter: Cost(_kernel_macs(conv, out), _params(conv) + (_params(bn) if bn else 0))
+                  for letter, bn, _, conv, _ in unit.branches}
+        s_costs.append(branch["s"])
+        t_costs.append(branch["t"])
+        block_costs.append(blocks.get(unit.name, Cost()))
+    return TemplateCosts(tuple(model.positions), fixed, tuple(s_costs), tuple(t_costs),
+                         tuple(block_costs))
 
 
 def fits(row: dict, max_gmacs: float | None, max_params: float | None) -> bool:

@@ -1,26 +1,32 @@
-"""3D backbones built from a FusionStrategy: ResNet50, ResNeXt50/101, MobileNetV2, DenseNet121.
+"""3D backbones: ResNet50, ResNeXt50/101, MobileNetV2, DenseNet121, gated or from a strategy.
 
-Every fusion unit follows the authors' design (paper digest §5): a 1x1 conv of
-the 2D network becomes two parallel branches, 1x1x1 (S) and 3x1x1 (ST), summed
+Every fusion unit is a ``fusion.FusionUnit`` (paper digest §5): a 1x1 conv of the
+2D network becomes two parallel branches, 1x1x1 (S) and 3x1x1 (ST), summed
 (S+ST) or one of them alone, per the strategy; the k x k convs become 1 x k x k.
-The networks have no gates.
+Without a strategy every unit is gated (``template.build_template`` of a
+``BackboneConfig``): the backbone is a template of its own probability space.
 
 * ResNet / ResNeXt bottleneck: the first 1x1 is the fusion unit, then
   BN-ReLU, the 1x3x3 (grouped for ResNeXt) with the spatial stride, BN-ReLU,
   1x1x1, BN, residual.  ``stride_on="first"`` moves the stride to the fusion
   unit, the layout of ``keras.applications.ResNet50`` (v1), for exact inflation.
   Positions ``C2.B1`` ... ``C5.B3`` (stage ``conv2`` ... ``conv5`` of the 2D net).
+  Every block is residual: unit ``none`` is the block's shortcut alone (identity,
+  or the projection of a stage's first block).
 * MobileNetV2 inverted residual: the expansion 1x1 is the fusion unit; the
   first block (expansion 1, no expansion conv) fuses its projection 1x1
   instead.  Depthwise 1x3x3 convs run per frame (``layers3d.DepthwiseConv3D``).
   Positions ``M1.B1`` ... ``M7.B1``: row r of the (t, c, n, s) table, block b.
-* DenseNet121-3D: the template without gates (``template.build_template``
-  with a strategy), positions as the template's.
+  Unit ``none`` exists only at blocks with a residual add (same width, stride 1):
+  the block is the identity; a block that changes width or stride must keep a branch.
+* DenseNet121-3D: the template's layout (``template.TemplateConfig``), positions as
+  the template's; every position must keep a branch.
 
 Layer names follow ``keras.applications`` (``conv2_block1_1_conv`` ...; a
 fusion unit's branches add ``_s`` / ``_t``) so ``inflation`` maps 2D weights
-by name.  Stems: (kt x 7 x 7) conv with temporal stride ``temporal_stride``
-(2 in the authors' K400/UCF nets), then a 1x3x3 max-pool.
+by name; gates are ``<position key>_s_gate`` / ``_t_gate`` (``c2_b1_s_gate``).
+Stems: (kt x 7 x 7) conv with temporal stride ``temporal_stride`` (2 in the
+authors' K400/UCF nets), then a 1x3x3 max-pool.
 """
 
 from __future__ import annotations
@@ -32,10 +38,12 @@ import keras
 from stfusion_tf.errors import UserError
 from stfusion_tf.model import template as tpl
 from stfusion_tf.model.dropout import PhaseDropout
+from stfusion_tf.model.fusion import BlockKeep, FusionUnit
+from stfusion_tf.model.gates import GateConfig
 from stfusion_tf.model.normalization import PixelNormalization
 from stfusion_tf.model.layers3d import (TEMPORAL_PADDINGS, DepthwiseConv3D, Pad3D,
                                         pad_for_temporal_kernel, same_padding)
-from stfusion_tf.model.strategy import S, S_ST, ST, UNIT_TO_KEEP, UNITS, FusionStrategy  # noqa: F401
+from stfusion_tf.model.strategy import NONE, S, S_ST, ST, UNITS, FusionStrategy  # noqa: F401
 
 ARCHS = ("resnet", "mobilenetv2", "densenet")
 #: MobileNetV2's (expansion t, channels c, repeats n, stride s) rows.
@@ -80,6 +88,11 @@ class BackboneConfig:
         if self.arch == "mobilenetv2" and len(self.depths) != len(MOBILENET_ROWS):
             raise ValueError(f"MobileNetV2 needs {len(MOBILENET_ROWS)} row depths, got {self.depths}")
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "BackboneConfig":
+        """Inverse of ``dataclasses.asdict`` after a JSON round trip (lists -> tuples)."""
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
 
 PRESETS = {
     "resnet50": BackboneConfig("resnet", (3, 4, 6, 3)),
@@ -103,8 +116,18 @@ PRESETS = {
 
 def preset(name: str, **overrides) -> BackboneConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown backbone {name!r}; valid backbones: {', '.join(PRESETS)}")
+        raise UserError(f"unknown backbone {name!r}; valid backbones: {', '.join(PRESETS)}")
     return dataclasses.replace(PRESETS[name], **overrides)
+
+
+def template_preset(name: str, temporal_downsample: bool = False, **overrides):
+    """Backbone preset ``name`` as a template's config: a ``BackboneConfig``, or for a
+    DenseNet the ``TemplateConfig`` it is built from.  ``temporal_downsample``: stem
+    temporal stride 2."""
+    cfg = preset(name, **overrides)
+    if temporal_downsample:
+        cfg = dataclasses.replace(cfg, temporal_stride=2)
+    return _template_config(cfg) if cfg.arch == "densenet" else cfg
 
 
 def _make_divisible(v, divisor=8):
@@ -130,7 +153,44 @@ def positions(cfg: BackboneConfig) -> tuple[str, ...]:
         return tpl.template_positions(_template_config(cfg))
     if cfg.arch == "resnet":
         return tuple(f"C{i + 2}.B{j + 1}" for i, n in enumerate(cfg.depths) for j in range(n))
-    return tuple(f"M{r + 1}.B{j + 1}" for r, n in enumerate(cfg.depths) for j in range(n))
+    return tuple(b.position for b in _mobilenet_blocks(cfg))
+
+
+def residual_positions(cfg: BackboneConfig) -> frozenset:
+    """Positions on a residual block: where the unit ``none`` can be built."""
+    if cfg.arch == "resnet":
+        return frozenset(positions(cfg))
+    if cfg.arch == "mobilenetv2":
+        return frozenset(b.position for b in _mobilenet_blocks(cfg) if b.residual)
+    return frozenset()
+
+
+@dataclasses.dataclass(frozen=True)
+class _MobileBlock:
+    position: str
+    prefix: str
+    expansion: int
+    in_channels: int
+    filters: int
+    stride: int
+
+    @property
+    def residual(self) -> bool:
+        return self.in_channels == self.filters and self.stride == 1
+
+
+def _mobilenet_blocks(cfg: BackboneConfig) -> list[_MobileBlock]:
+    """The inverted-residual blocks of a MobileNetV2, as keras.applications lays them out."""
+    out, in_ch = [], _make_divisible(32 * cfg.alpha, 8)
+    for r, ((t, c, _, s), n) in enumerate(zip(MOBILENET_ROWS, cfg.depths)):
+        for j in range(n):
+            filters = _make_divisible(int(c * cfg.alpha), 8)
+            block_id = len(out)
+            prefix = "expanded_conv_" if block_id == 0 else f"block_{block_id}_"
+            out.append(_MobileBlock(f"M{r + 1}.B{j + 1}", prefix, t, in_ch, filters,
+                                    s if j == 0 else 1))
+            in_ch = filters
+    return out
 
 
 def stage_of(position: str) -> str:
@@ -140,10 +200,11 @@ def stage_of(position: str) -> str:
 # -- layers -----------------------------------------------------------------------
 
 class _Builder:
-    """Keeps the per-network settings the layer helpers need."""
+    """Keeps the per-network settings the layer helpers need.  ``units``: position ->
+    unit, or -> None everywhere for a gated template (``gate`` its settings)."""
 
-    def __init__(self, cfg: BackboneConfig, units: dict, sync: bool):
-        self.cfg, self.units, self.sync = cfg, units, sync
+    def __init__(self, cfg: BackboneConfig, units: dict, sync: bool, gate: GateConfig):
+        self.cfg, self.units, self.sync, self.gate = cfg, units, sync, gate
         self.eps = 1e-3 if cfg.arch == "mobilenetv2" else 1.001e-5
 
     def bn(self, x, name):
@@ -159,18 +220,24 @@ class _Builder:
                                    groups=groups, use_bias=False,
                                    kernel_initializer="he_normal", name=name)(x)
 
-    def fusion(self, x, position, filters, name, strides=(1, 1, 1)):
-        """The fusion unit at ``position``: 1x1x1 and/or 3x1x1 branches, summed."""
-        keep_s, keep_t = UNIT_TO_KEEP[self.units[position]]
-        branches = []
-        if keep_s:
-            branches.append(self.conv(x, filters, (1, 1, 1), f"{name}_s", strides))
-        if keep_t:
-            t, padding = pad_for_temporal_kernel(x, 3, self.cfg.temporal_padding, f"{name}_t_pad")
-            branches.append(self.conv(t, filters, (3, 1, 1), f"{name}_t", strides, padding=padding))
-        if len(branches) == 1:
-            return branches[0]
-        return keras.layers.Add(name=f"{name}_sum")(branches)
+    def dropped(self, position) -> bool:
+        """Whether the strategy drops the block at ``position`` (unit ``none``)."""
+        return self.units[position] == NONE
+
+    def fusion(self, x, position, filters, name, strides=(1, 1, 1), residual=False):
+        """(output, keep): the fusion unit at ``position`` (convs ``<name>_s`` / ``_t``);
+        ``keep`` is the block keep factor of a gated unit on a residual block, else None."""
+        key = position.lower().replace(".", "_")
+        unit = self.units[position]
+        gated_residual = unit is None and residual
+        out = FusionUnit(filters, unit, self.gate, key=key, conv_names=(f"{name}_s", f"{name}_t"),
+                         strides=strides, temporal_padding=self.cfg.temporal_padding,
+                         return_keep=gated_residual, name=f"{key}_fusion")(x)
+        return out if gated_residual else (out, None)
+
+
+def _keep(y, keep, name):
+    return y if keep is None else BlockKeep(name=f"{name}_keep")([y, keep])
 
 
 def _stem(b: _Builder, x, filters, kernel, spatial_pad, name):
@@ -193,6 +260,7 @@ def _resnet(b: _Builder, x, position_names):
         out = planes * 4
         for j in range(n):
             name = f"conv{i + 2}_block{j + 1}"
+            position = next(pos)
             s = 2 if (j == 0 and i > 0) else 1
             first = (1, s, s) if cfg.stride_on == "first" else (1, 1, 1)
             spatial = (1, 1, 1) if cfg.stride_on == "first" else (1, s, s)
@@ -201,7 +269,10 @@ def _resnet(b: _Builder, x, position_names):
                 shortcut = b.bn(shortcut, f"{name}_0_bn")
             else:
                 shortcut = x
-            y = b.fusion(x, next(pos), mid, f"{name}_1_conv", first)
+            if b.dropped(position):  # the block is its shortcut (x >= 0: relu(x) = x)
+                x = keras.layers.ReLU(name=f"{name}_out")(shortcut) if j == 0 else shortcut
+                continue
+            y, keep = b.fusion(x, position, mid, f"{name}_1_conv", first, residual=True)
             y = keras.layers.ReLU(name=f"{name}_1_relu")(b.bn(y, f"{name}_1_bn"))
             if spatial[1] == 1:  # "same" is symmetric here, and spares a Pad op
                 y = b.conv(y, mid, (1, 3, 3), f"{name}_2_conv", groups=cfg.groups, padding="same")
@@ -209,7 +280,7 @@ def _resnet(b: _Builder, x, position_names):
                 y = b.conv(y, mid, (1, 3, 3), f"{name}_2_conv", spatial, groups=cfg.groups,
                            pad=(0, 1, 1))
             y = keras.layers.ReLU(name=f"{name}_2_relu")(b.bn(y, f"{name}_2_bn"))
-            y = b.bn(b.conv(y, out, (1, 1, 1), f"{name}_3_conv"), f"{name}_3_bn")
+            y = _keep(b.bn(b.conv(y, out, (1, 1, 1), f"{name}_3_conv"), f"{name}_3_bn"), keep, name)
             x = keras.layers.ReLU(name=f"{name}_out")(keras.layers.Add(name=f"{name}_add")([shortcut, y]))
     return x
 
@@ -222,68 +293,72 @@ def _mobilenetv2(b: _Builder, x, position_names):
     x = _stem(b, x, first, 3, same_padding(size, 3, 2), "Conv1")
     size = -(-size // 2)
     x = relu6("Conv1_relu")(b.bn(x, "bn_Conv1"))
-    pos = iter(position_names)
-    block_id = 0
-    for (t, c, _, s), n in zip(MOBILENET_ROWS, cfg.depths):
-        for j in range(n):
-            stride = s if j == 0 else 1
-            in_ch = x.shape[-1]
-            filters = _make_divisible(int(c * cfg.alpha), 8)
-            prefix = "expanded_conv_" if block_id == 0 else f"block_{block_id}_"
-            position = next(pos)
-            y = x
-            if block_id:
-                y = b.fusion(y, position, t * in_ch, f"{prefix}expand")
-                y = relu6(f"{prefix}expand_relu")(b.bn(y, f"{prefix}expand_BN"))
-            if stride == 2:
-                pad = (0, 1) if size % 2 == 0 else (1, 1)
-                y = Pad3D(0, pad, pad, name=f"{prefix}pad")(y)
-                y = DepthwiseConv3D(3, 2, "valid", name=f"{prefix}depthwise")(y)
-                size = -(-size // 2)
-            else:
-                y = DepthwiseConv3D(3, 1, "same", name=f"{prefix}depthwise")(y)
-            y = relu6(f"{prefix}depthwise_relu")(b.bn(y, f"{prefix}depthwise_BN"))
-            if block_id:
-                y = b.conv(y, filters, (1, 1, 1), f"{prefix}project")
-            else:
-                y = b.fusion(y, position, filters, f"{prefix}project")
-            y = b.bn(y, f"{prefix}project_BN")
-            if in_ch == filters and stride == 1:
-                y = keras.layers.Add(name=f"{prefix}add")([x, y])
-            x = y
-            block_id += 1
+    for block_id, blk in enumerate(_mobilenet_blocks(cfg)):
+        prefix = blk.prefix
+        if blk.stride == 2:
+            size_out = -(-size // 2)
+        if b.dropped(blk.position):  # only at residual blocks: the identity
+            continue
+        y, keep = x, None
+        if block_id:
+            y, keep = b.fusion(y, blk.position, blk.expansion * blk.in_channels, f"{prefix}expand",
+                               residual=blk.residual)
+            y = relu6(f"{prefix}expand_relu")(b.bn(y, f"{prefix}expand_BN"))
+        if blk.stride == 2:
+            pad = (0, 1) if size % 2 == 0 else (1, 1)
+            y = Pad3D(0, pad, pad, name=f"{prefix}pad")(y)
+            y = DepthwiseConv3D(3, 2, "valid", name=f"{prefix}depthwise")(y)
+            size = size_out
+        else:
+            y = DepthwiseConv3D(3, 1, "same", name=f"{prefix}depthwise")(y)
+        y = relu6(f"{prefix}depthwise_relu")(b.bn(y, f"{prefix}depthwise_BN"))
+        if block_id:
+            y = b.conv(y, blk.filters, (1, 1, 1), f"{prefix}project")
+        else:
+            y, keep = b.fusion(y, blk.position, blk.filters, f"{prefix}project",
+                               residual=blk.residual)
+        y = _keep(b.bn(y, f"{prefix}project_BN"), keep, prefix.rstrip("_"))
+        if blk.residual:
+            y = keras.layers.Add(name=f"{prefix}add")([x, y])
+        x = y
     last = _make_divisible(1280 * cfg.alpha, 8) if cfg.alpha > 1.0 else 1280
     x = b.conv(x, last, (1, 1, 1), "Conv_1")
     return relu6("out_relu")(b.bn(x, "Conv_1_bn"))
 
 
-def build_backbone(cfg: BackboneConfig, strategy: FusionStrategy, num_classes: int,
-                   name: str | None = None, synchronized_bn: bool = False) -> keras.Model:
-    """A 3D backbone of ``cfg`` with ``strategy``'s unit at each position.
-
-    Input: clips [B, T, H, W, 3] of float pixel values in [0, 255] (H, W: the training
-    crop ``cfg.crop_size`` or any evaluation size); output: logits.
-    """
-    pos = positions(cfg)
-    strategy.check_buildable(pos, f"{cfg.arch} backbone")
-    if num_classes < 1:
-        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    name = name or f"{cfg.arch}3d"
+def graph(cfg: BackboneConfig, num_classes: int, gate: GateConfig, sync: bool, units: dict):
+    """(inputs, logits) of a ResNet / MobileNetV2 backbone: ``units`` position -> unit, or
+    -> None everywhere for the gated template (``template._graph`` dispatches here)."""
     if cfg.arch == "densenet":
-        return tpl.build_template(_template_config(cfg), num_classes, name=name,
-                                  synchronized_bn=synchronized_bn, strategy=strategy)
-    b = _Builder(cfg, dict(zip(strategy.positions, strategy.units)), synchronized_bn)
+        raise ValueError("a DenseNet backbone is built from its TemplateConfig (template_preset)")
+    b = _Builder(cfg, units, sync, gate)
     # Any frame size (full-frame evaluation); MobileNetV2's stride-2 padding is laid out for
     # ``crop_size``, the same for any size divisible by 32.
     inputs = keras.Input((cfg.num_frames, None, None, 3), name="clip")
     x = PixelNormalization(name="input_norm")(inputs)
-    x = (_resnet if cfg.arch == "resnet" else _mobilenetv2)(b, x, pos)
+    x = (_resnet if cfg.arch == "resnet" else _mobilenetv2)(b, x, positions(cfg))
     # Pooled features and logits in float32 under any precision policy (as the template).
     x = keras.layers.GlobalAveragePooling3D(name="avg_pool", dtype="float32")(x)
     if cfg.dropout > 0:
         x = PhaseDropout(cfg.dropout, name="head_dropout", dtype="float32")(x)
-    logits = keras.layers.Dense(num_classes, name="predictions", dtype="float32")(x)
-    return keras.Model(inputs, logits, name=name)
+    gated = all(u is None for u in units.values())
+    return inputs, tpl.classifier(x, num_classes, gate, gated, "predictions")
+
+
+def build_backbone(cfg: BackboneConfig, strategy: FusionStrategy | None, num_classes: int,
+                   name: str | None = None, synchronized_bn: bool = False,
+                   gate: GateConfig = GateConfig(), memory_efficient: bool = False) -> tpl.Template:
+    """A 3D backbone of ``cfg`` with ``strategy``'s unit at each position, or with
+    ``strategy=None`` the backbone as a gated template (``gate`` its gates).
+
+    Input: clips [B, T, H, W, 3] of float pixel values in [0, 255] (H, W: the training
+    crop ``cfg.crop_size`` or any evaluation size); output: logits.
+    """
+    config = _template_config(cfg) if cfg.arch == "densenet" else cfg
+    name = name or (f"{cfg.arch}3d" if strategy is not None else f"{cfg.arch}_template")
+    return tpl.build_template(config, num_classes, gate, name=name,
+                              synchronized_bn=synchronized_bn, strategy=strategy,
+                              memory_efficient=memory_efficient)
 
 
 def count_params(model: keras.Model) -> dict:

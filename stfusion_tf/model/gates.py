@@ -52,6 +52,7 @@ rebuilds or retraces a compiled function:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import keras
@@ -116,6 +117,28 @@ def check_gate_args(init_drop_rate, temperature, regularizer, length_scale, data
     _check_choice("weight_term", weight_term, WEIGHT_TERMS)
     if weight_term == "prior" and length_scale <= 0:
         raise UserError("weight_term=prior needs length_scale > 0 (its prior is N(0, I/k^2))")
+
+
+@dataclasses.dataclass(frozen=True)
+class GateConfig:
+    """Variational DropPath settings shared by every gate of a template."""
+
+    init_drop_rate: float = 0.1
+    temperature: float = 0.2
+    rescale: bool = False
+    regularizer: str = "code"
+    length_scale: float = 1.0
+    dataset_size: int = 1
+    weight_term: str = "norm"
+
+    def __post_init__(self):
+        check_gate_args(self.init_drop_rate, self.temperature, self.regularizer,
+                        self.length_scale, self.dataset_size, self.weight_term)
+
+    def wrap(self, layer, name: str, noise: str = "path", dtype=None) -> "VariationalDropPath":
+        """``layer`` behind a gate with these settings."""
+        return VariationalDropPath(layer, noise=noise, name=name, dtype=dtype,
+                                   **dataclasses.asdict(self))
 
 
 @keras.saving.register_keras_serializable(package="stfusion_tf")
@@ -264,9 +287,10 @@ class VariationalDropPath(keras.layers.Wrapper):
             factor = tf.where(tf.equal(mode, i), chosen[i], factor)
         return factor, None
 
-    def call(self, inputs, training=None, multiplier_only=False):
+    def call(self, inputs, training=None, multiplier_only=False, return_factor=False):
         """``layer(inputs * factor)``; with ``multiplier_only`` the factor alone (the
-        memory-efficient dense layers apply it inside their recomputed segment)."""
+        memory-efficient dense layers apply it inside their recomputed segment); with
+        ``return_factor`` the pair (output, factor) (a fusion unit's block keep)."""
         factor, reg = self.multiplier(inputs, training)
         if reg is not None:
             self.add_loss(reg)
@@ -277,8 +301,10 @@ class VariationalDropPath(keras.layers.Wrapper):
             # layer: scaling the output (and, backwards, its gradient) touches the
             # bottleneck's 128 channels instead of a dense block's up to 1,024.
             y = self.layer(inputs)
-            return y * tf.cast(factor, y.dtype)
-        return self.layer(inputs * tf.cast(factor, inputs.dtype))
+            y = y * tf.cast(factor, y.dtype)
+        else:
+            y = self.layer(inputs * tf.cast(factor, inputs.dtype))
+        return (y, factor) if return_factor else y
 
     @property
     def _scales_output(self) -> bool:

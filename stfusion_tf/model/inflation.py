@@ -41,6 +41,7 @@ import keras
 from stfusion_tf.errors import UserError
 from stfusion_tf.model import backbones as bb
 from stfusion_tf.model import template as tpl
+from stfusion_tf.model.fusion import FusionUnit
 from stfusion_tf.model.gates import VariationalDropPath
 from stfusion_tf.model.strategy import UNIT_TO_KEEP, FusionStrategy
 
@@ -198,7 +199,7 @@ def inflate(model3d: keras.Model, model2d: keras.Model, arch: str,
                 scale = 1.0 / n if branches == "split" else 1.0
                 t.kernel.assign(_inflate_kernel(k2, tuple(t.kernel.shape), scale))
     missing = [n for n, l in layers3d.items() if l.trainable_weights and n not in done
-               and not isinstance(l, VariationalDropPath)]
+               and not isinstance(l, (VariationalDropPath, FusionUnit))]
     for name in [n for n in missing if n in _CLASSIFIERS]:
         skipped.append(f"{name} (the 2D model has no classifier)")
         missing.remove(name)

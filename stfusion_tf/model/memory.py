@@ -13,16 +13,14 @@ functional graph, the same layers and weights, through an interpreter that
 treats a dense block lazily:
 
 * a block's ``Concatenate`` gives the list of its feature maps, not one tensor;
-* a ``BatchNormalization`` of such a list and the ``ReLU`` (and temporal
-  ``Pad3D``) after it stay pending.  Batch statistics are per channel, so the
-  moments of each feature map are computed once and shared by every BN of the
-  block that reads it (the plain graph recomputes them in each BN); moving
-  statistics are updated once per BN, outside the recomputed part, with Keras'
-  formula;
-* the gated (or gate-free) bottleneck convolutions that read it, summed, run as
-  one segment, concat -> BN -> ReLU -> x gate factor -> conv (each branch) -> sum,
-  under ``tf.recompute_grad``: only the feature maps and a few per-channel
-  vectors are kept for the backward pass.  The gates draw their noise and add
+* a pre-activated ``FusionUnit`` (``model/fusion.py``) that reads it runs its
+  branches as one segment, concat -> per branch (BN -> ReLU -> x gate factor ->
+  temporal padding -> conv) -> sum, under ``tf.recompute_grad``: only the feature
+  maps and a few per-channel vectors are kept for the backward pass.  Batch
+  statistics are per channel, so the moments of each feature map are computed
+  once and shared by every BN of the block that reads it (the plain graph
+  recomputes them in each BN); moving statistics are updated once per BN, outside
+  the recomputed part, with Keras' formula.  The gates draw their noise and add
   their regulariser outside the segment, so the recomputation sees the same
   sample.
 
@@ -35,8 +33,7 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from stfusion_tf.model.gates import VariationalDropPath
-from stfusion_tf.model.layers3d import Pad3D
+from stfusion_tf.model.fusion import FusionUnit
 
 _AXES = [0, 1, 2, 3]
 
@@ -48,29 +45,16 @@ class _Features:
         self.parts = list(parts)
 
 
-class _BNReLU:
-    """Pending relu(bn(concat(parts))), then temporal padding: ``relu`` says
-    whether the ReLU has been applied yet."""
-
-    def __init__(self, features: _Features, bn, relu=False, pads=()):
-        self.features, self.bn, self.relu, self.pads = features, bn, relu, tuple(pads)
-
-
-class _Branch:
-    """Pending conv(_BNReLU x factor): one bottleneck branch (factor None: no gate)."""
-
-    def __init__(self, source: _BNReLU, conv, factor):
-        self.source, self.conv, self.factor = source, conv, factor
-
-
 def _plain_bn(layer) -> bool:
     return (isinstance(layer, keras.layers.BatchNormalization) and layer.axis in (-1, 4)
             and layer.center and layer.scale and not layer.renorm)
 
 
-def _plain_relu(layer) -> bool:
-    return (isinstance(layer, keras.layers.ReLU) and layer.max_value is None
-            and not layer.negative_slope and not layer.threshold)
+def _recomputable(op, x, training) -> bool:
+    """A pre-activated, template or fixed fusion unit reading a dense block's features."""
+    return (isinstance(op, FusionUnit) and isinstance(x, _Features) and bool(training)
+            and op.preactivation and not op.return_keep
+            and all(_plain_bn(bn) and bn.trainable for _, bn, *_ in op.branches))
 
 
 class _Interpreter:
@@ -91,21 +75,8 @@ class _Interpreter:
         if isinstance(op, keras.layers.Concatenate) and op.axis in (-1, 4) and \
                 all(isinstance(t, _Features) or tf.is_tensor(t) for t in x):
             return _Features([p for t in x for p in (t.parts if isinstance(t, _Features) else [t])])
-        if isinstance(x, _Features) and _plain_bn(op) and self.training and op.trainable:
-            return _BNReLU(x, op)
-        if isinstance(x, _BNReLU) and not x.relu and _plain_relu(op):
-            return _BNReLU(x.features, x.bn, True)
-        if isinstance(x, _BNReLU) and x.relu:
-            if isinstance(op, Pad3D):
-                return _BNReLU(x.features, x.bn, True, x.pads + (op,))
-            if isinstance(op, VariationalDropPath):
-                factor = op(x.features.parts[0], training=self.training, multiplier_only=True)
-                return _Branch(x, op.layer, factor)
-            if isinstance(op, keras.layers.Conv3D):
-                return _Branch(x, op, None)
-        if isinstance(op, keras.layers.Add) and all(isinstance(b, _Branch) for b in x) and \
-                len({id(b.source.features) for b in x}) == 1:
-            return self.segment(list(x))
+        if _recomputable(op, x, self.training):
+            return self.segment(op, x)
         args, kwargs = tf.nest.map_structure(self.materialise, (args, kwargs))
         if "training" in getattr(op, "_call_context_args", ()) and self.training is not None:
             kwargs["training"] = self.training
@@ -113,20 +84,7 @@ class _Interpreter:
 
     # -- values -----------------------------------------------------------------------
     def materialise(self, value):
-        if isinstance(value, _Features):
-            return _concat(value.parts)
-        if isinstance(value, _BNReLU):
-            scale, offset = self.bn_affine(value.bn, value.features)
-            x = _concat(value.features.parts)
-            z = x * tf.cast(scale, x.dtype) + tf.cast(offset, x.dtype)
-            if value.relu:
-                z = tf.nn.relu(z)
-            for pad in value.pads:
-                z = pad(z)
-            return z
-        if isinstance(value, _Branch):
-            return self.segment([value])
-        return value
+        return _concat(value.parts) if isinstance(value, _Features) else value
 
     def part_moments(self, part, synchronized: bool):
         key = (part.ref(), synchronized)
@@ -155,31 +113,32 @@ class _Interpreter:
         self.affine[id(bn)] = (scale, offset)
         return scale, offset
 
-    def segment(self, branches: list[_Branch]):
-        """sum_b conv_b(relu(concat(parts) * scale_b + offset_b) * factor_b) under
+    def segment(self, unit: FusionUnit, features: _Features):
+        """sum_b conv_b(pad_b(relu(concat(parts) * scale_b + offset_b) * factor_b)) under
         ``tf.recompute_grad``.
 
         A gate factor is >= 0, so relu(z) * f = relu(z * f): it is folded into the
         BN scale and offset (per sample and channel), saving a pass over the tensor.
         """
-        parts = branches[0].source.features.parts
+        parts = features.parts
         args = list(parts)
-        for b in branches:
-            scale, offset = self.bn_affine(b.source.bn, b.source.features)
-            if b.factor is not None:
-                scale, offset = scale * b.factor, offset * b.factor
+        for _, bn, _, _, gate in unit.branches:
+            scale, offset = self.bn_affine(bn, features)
+            if gate is not None:
+                factor = gate(parts[0], training=self.training, multiplier_only=True)
+                scale, offset = scale * factor, offset * factor
             args += [scale, offset]
         n = len(parts)
 
         def forward(*tensors):
             x = _concat(tensors[:n])
             out = None
-            for i, b in enumerate(branches):
+            for i, (_, _, pad, conv, _) in enumerate(unit.branches):
                 scale, offset = tensors[n + 2 * i], tensors[n + 2 * i + 1]
                 z = tf.nn.relu(x * tf.cast(scale, x.dtype) + tf.cast(offset, x.dtype))
-                for pad in b.source.pads:
+                if pad is not None:
                     z = pad(z)
-                y = b.conv(z)
+                y = conv(z)
                 out = y if out is None else out + y
             return out
 

@@ -10,8 +10,10 @@ unit       kept branches    meaning
 ``S``      1x1x1 only       2D unit: 1x1x1 then 1x3x3
 ``ST``     3x1x1 only       factorised 3D unit: 3x1x1 then 1x3x3
 ``S+ST``   both, summed     fused unit
-``none``   neither          both branches dropped (only the template can
-                            express it; backbones reject it)
+``none``   neither          both branches dropped: on a residual block the
+                            block is its residual path alone; elsewhere
+                            (DenseNet layers, MobileNetV2 blocks that change
+                            width or stride) it cannot be built
 =========  ===============  =================================================
 
 The same type is used by the template (gate masks), the probability-space
@@ -41,6 +43,13 @@ KEEP_TO_UNIT = {v: k for k, v in UNIT_TO_KEEP.items()}
 UNIT_CODES = {S: 0, ST: 1, S_ST: 2, NONE: 3}
 #: One-letter codes of the paper's Fig. 4 ("F" = fused = S+ST, "T" = ST).
 UNIT_LETTERS = {S: "S", ST: "T", S_ST: "F", NONE: "-"}
+
+
+def _span(positions: Sequence[str]) -> str:
+    """``"8: C2.B1, C3.B1, ..."``: a count and the names, short enough for one line."""
+    names = list(positions)
+    shown = ", ".join(names if len(names) <= 12 else names[:6] + ["..."] + names[-3:])
+    return f"{len(names)}: {shown}"
 
 
 def _check_unit(unit: str) -> str:
@@ -143,18 +152,19 @@ class FusionStrategy:
         c = collections.Counter(self.units)
         return {u: c.get(u, 0) for u in UNITS}
 
-    def check_buildable(self, positions: Sequence[str], network: str) -> None:
-        """Raises unless a network without gates (``network`` names it in the message)
-        can be built from this strategy: the same positions, and no ``none`` unit."""
+    def check_buildable(self, positions: Sequence[str], network: str,
+                        none_positions=frozenset()) -> None:
+        """Raises a ``UserError`` unless a network without gates (``network`` names it
+        in the message) can be built from this strategy: the same positions, and
+        ``none`` only at ``none_positions`` (residual blocks)."""
         positions = tuple(positions)
         if self.positions != positions:
-            raise ValueError(f"the strategy has {len(self)} positions ({self.positions[0]} ... "
-                             f"{self.positions[-1]}); the {network} has {len(positions)} "
-                             f"({positions[0]} ... {positions[-1]}); build one with "
-                             "fusion_rules.resolve")
-        if NONE in self.units:
-            raise ValueError(f"the {network} cannot hold the unit 'none' (both branches dropped) "
-                             f"at {self.positions[self.units.index(NONE)]}; valid units: S, ST, S+ST")
+            raise UserError(f"the strategy's positions ({_span(self.positions)}) do not fit the "
+                            f"{network}, whose positions are {_span(positions)}")
+        bad = [p for p, u in zip(self.positions, self.units) if u == NONE and p not in none_positions]
+        if bad:
+            raise UserError(f"the {network} cannot hold the unit 'none' (both branches dropped) "
+                            f"at {bad[0]}: no residual path there; valid units: S, ST, S+ST")
 
     def __getitem__(self, position: str) -> str:
         return self.units[self.positions.index(position)]

@@ -34,28 +34,12 @@ import keras
 from stfusion_tf.errors import UserError
 from stfusion_tf.model import memory
 from stfusion_tf.model.dropout import PhaseDropout
-from stfusion_tf.model.gates import (VariationalDropPath, check_gate_args, gate_layers,
+from stfusion_tf.model.fusion import FusionUnit
+from stfusion_tf.model.gates import (GateConfig, VariationalDropPath, gate_layers,  # noqa: F401
                                      set_inference_mode)
 from stfusion_tf.model.normalization import PixelNormalization
 from stfusion_tf.model.layers3d import TEMPORAL_PADDINGS, Pad3D, pad_for_temporal_kernel
-from stfusion_tf.model.strategy import UNIT_TO_KEEP, FusionStrategy
-
-
-@dataclasses.dataclass(frozen=True)
-class GateConfig:
-    """Variational DropPath settings shared by every gate of a template."""
-
-    init_drop_rate: float = 0.1
-    temperature: float = 0.2
-    rescale: bool = False
-    regularizer: str = "code"
-    length_scale: float = 1.0
-    dataset_size: int = 1
-    weight_term: str = "norm"
-
-    def __post_init__(self):
-        check_gate_args(self.init_drop_rate, self.temperature, self.regularizer,
-                        self.length_scale, self.dataset_size, self.weight_term)
+from stfusion_tf.model.strategy import FusionStrategy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,10 +97,41 @@ PRESETS = {
 }
 
 
-def preset(name: str, **overrides) -> TemplateConfig:
-    if name not in PRESETS:
-        raise UserError(f"unknown template preset {name!r}; valid presets: {', '.join(PRESETS)}")
-    return dataclasses.replace(PRESETS[name], **overrides)
+def preset_names() -> tuple[str, ...]:
+    """Every name ``preset`` takes: the template presets, then every backbone preset."""
+    from stfusion_tf.model import backbones as bb
+    return tuple(dict.fromkeys([*PRESETS, *bb.PRESETS]))
+
+
+def preset(name: str, **overrides):
+    """A template preset (``TemplateConfig``) or a backbone preset as a template: its
+    ``BackboneConfig`` (ResNet, ResNeXt, MobileNetV2) or, for a DenseNet backbone, the
+    ``TemplateConfig`` it is built from.  ``overrides``: TemplateConfig fields
+    (``temporal_downsample`` is a backbone's stem temporal stride 2)."""
+    from stfusion_tf.model import backbones as bb
+    if name in PRESETS:
+        return dataclasses.replace(PRESETS[name], **overrides)
+    if name in bb.PRESETS:
+        return bb.template_preset(name, **overrides)
+    raise UserError(f"unknown preset {name!r}; valid presets: {', '.join(preset_names())}")
+
+
+def network_positions(config) -> tuple[str, ...]:
+    """Fusion positions of a template (``TemplateConfig``) or backbone (``BackboneConfig``)."""
+    if isinstance(config, TemplateConfig):
+        return template_positions(config)
+    from stfusion_tf.model import backbones as bb
+    return bb.positions(config)
+
+
+def none_positions(config) -> frozenset:
+    """Positions whose unit may be ``none``: those on a residual block (the block becomes
+    its residual path).  A DenseNet has none: every layer and transition must produce
+    features (``FusionStrategy.check_buildable``)."""
+    if isinstance(config, TemplateConfig):
+        return frozenset()
+    from stfusion_tf.model import backbones as bb
+    return bb.residual_positions(config)
 
 
 def template_positions(config: TemplateConfig) -> tuple[str, ...]:
@@ -148,42 +163,24 @@ def _conv(filters, kernel, name, strides=(1, 1, 1), padding="same"):
                                use_bias=False, kernel_initializer="he_normal", name=name)
 
 
-def _gate(layer, gate: GateConfig, name, noise="path", dtype=None):
-    return VariationalDropPath(
-        layer, init_drop_rate=gate.init_drop_rate, temperature=gate.temperature,
-        rescale=gate.rescale, noise=noise, regularizer=gate.regularizer,
-        length_scale=gate.length_scale, dataset_size=gate.dataset_size,
-        weight_term=gate.weight_term, name=name, dtype=dtype)
-
-
 def _fusion_unit(x, position, filters, gate: GateConfig, sync=False, unit=None, tpad="zeros"):
-    """The two branches of one position, summed: gated (``unit=None``) or the kept ones."""
+    """The pre-activated fusion unit of a dense layer or transition (gated: ``unit=None``)."""
     k = _key(position)
-    s_name, t_name = _gate_names(position)
-    keep_s, keep_t = UNIT_TO_KEEP[unit] if unit else (1, 1)
-    branches = []
-    if keep_s:
-        s = keras.layers.ReLU(name=f"{k}_s_relu")(_bn(f"{k}_s_bn", sync)(x))
-        conv = _conv(filters, (1, 1, 1), f"{k}_s_conv")
-        branches.append((conv if unit else _gate(conv, gate, s_name))(s))
-    if keep_t:
-        t = keras.layers.ReLU(name=f"{k}_t_relu")(_bn(f"{k}_t_bn", sync)(x))
-        t, padding = pad_for_temporal_kernel(t, 3, tpad, f"{k}_t_tpad")
-        conv = _conv(filters, (3, 1, 1), f"{k}_t_conv", padding=padding)
-        branches.append((conv if unit else _gate(conv, gate, t_name))(t))
-    if len(branches) == 1:
-        return branches[0]
-    return keras.layers.Add(name=f"{k}_sum")(branches)
+    return FusionUnit(filters, unit, gate, key=k, preactivation=True, synchronized_bn=sync,
+                      temporal_padding=tpad, name=f"{k}_fusion")(x)
 
 
-def _graph(config: TemplateConfig, num_classes: int, gate: GateConfig, sync: bool,
+def _graph(config, num_classes: int, gate: GateConfig, sync: bool,
            strategy: FusionStrategy | None):
-    """(inputs, logits) of the template; with ``strategy`` only its branches, no gates."""
-    positions = template_positions(config)
+    """(inputs, logits) of the network; with ``strategy`` only its branches, no gates."""
+    positions = network_positions(config)
     units = dict.fromkeys(positions)
     if strategy is not None:
-        strategy.check_buildable(positions, "template layout")
+        strategy.check_buildable(positions, network_name(config), none_positions(config))
         units = dict(zip(strategy.positions, strategy.units))
+    if not isinstance(config, TemplateConfig):
+        from stfusion_tf.model import backbones as bb
+        return bb.graph(config, num_classes, gate, sync, units)
     tpad = config.temporal_padding
     # Any frame size: training crops and full-frame evaluation views (``crop_size`` is
     # the training crop).
@@ -212,10 +209,22 @@ def _graph(config: TemplateConfig, num_classes: int, gate: GateConfig, sync: boo
     x = keras.layers.GlobalAveragePooling3D(name="head_pool", dtype="float32")(x)
     if config.dropout > 0:
         x = PhaseDropout(config.dropout, name="head_dropout", dtype="float32")(x)
-    dense = keras.layers.Dense(num_classes, name="classifier", dtype="float32")
-    logits = dense(x) if strategy is not None else _gate(dense, gate, "head_gate", noise="feature",
-                                                          dtype="float32")(x)
-    return inputs, logits
+    return inputs, classifier(x, num_classes, gate, strategy is None, "classifier")
+
+
+def network_name(config) -> str:
+    """What the network of ``config`` is called in messages."""
+    if isinstance(config, TemplateConfig):
+        return "DenseNet template"
+    return f"{config.arch} backbone"
+
+
+def classifier(x, num_classes: int, gate: GateConfig, gated: bool, name: str):
+    """The float32 classifier; in a template behind the per-feature ``head_gate``."""
+    dense = keras.layers.Dense(num_classes, name=name, dtype="float32")
+    if not gated:
+        return dense(x)
+    return gate.wrap(dense, "head_gate", noise="feature", dtype="float32")(x)
 
 
 def _stem(x, config: TemplateConfig, sync: bool):
@@ -245,7 +254,7 @@ class Template(keras.Model):
     makes BatchNorm statistics global across replicas.
     """
 
-    def __init__(self, config: TemplateConfig, num_classes: int, gate: GateConfig = GateConfig(),
+    def __init__(self, config, num_classes: int, gate: GateConfig = GateConfig(),
                  strategy: FusionStrategy | None = None, synchronized_bn: bool = False,
                  name: str = "template", memory_efficient: bool = False, **kwargs):
         if num_classes < 1:
@@ -266,7 +275,17 @@ class Template(keras.Model):
 
     @property
     def positions(self) -> tuple[str, ...]:
-        return template_positions(self.config)
+        return network_positions(self.config)
+
+    @property
+    def none_positions(self) -> frozenset:
+        """Positions whose unit may be ``none`` (see ``none_positions``)."""
+        return none_positions(self.config)
+
+    @property
+    def preset_kind(self) -> str:
+        """``"densenet"``, ``"resnet"`` or ``"mobilenetv2"``: the layout of the network."""
+        return "densenet" if isinstance(self.config, TemplateConfig) else self.config.arch
 
     def get_config(self):
         return {"name": self.name, "trainable": self.trainable,
@@ -278,19 +297,29 @@ class Template(keras.Model):
     @classmethod
     def from_config(cls, config, custom_objects=None):
         config = dict(config)
-        config["config"] = TemplateConfig.from_dict(config["config"])
+        config["config"] = config_from_dict(config["config"])
         config["gate"] = GateConfig(**config["gate"])
         if config.get("strategy") is not None:
             config["strategy"] = FusionStrategy.from_dict(config["strategy"])
         return cls(**config)
 
 
-def build_template(config: TemplateConfig, num_classes: int,
+def config_from_dict(d: dict):
+    """A ``TemplateConfig`` or, with an ``arch`` key, a ``BackboneConfig`` from its dict."""
+    if "arch" in d:
+        from stfusion_tf.model import backbones as bb
+        return bb.BackboneConfig.from_dict(d)
+    return TemplateConfig.from_dict(d)
+
+
+def build_template(config, num_classes: int,
                    gate: GateConfig = GateConfig(), name: str = "template",
                    synchronized_bn: bool = False,
                    strategy: FusionStrategy | None = None,
                    memory_efficient: bool = False) -> Template:
-    """The template network of ``config`` (see ``Template``)."""
+    """The template network of ``config`` (a ``TemplateConfig`` or any
+    ``BackboneConfig``; see ``Template``): every fusion unit gated.  With
+    ``strategy``, the gate-free network of that strategy."""
     return Template(config, num_classes, gate, strategy=strategy,
                     synchronized_bn=synchronized_bn, name=name, memory_efficient=memory_efficient)
 
@@ -309,22 +338,23 @@ def layers_by_name(model: keras.Model) -> dict:
 def transfer_template_weights(template: keras.Model, network: keras.Model) -> int:
     """Loads a template's weights into a gate-free network built from the same config.
 
-    Layers are matched by name (a gate's wrapped layer by its own name).  The
-    head gate's inference-time scaling (1 - p, when it is on and not rescaling)
-    is folded into the classifier kernel, so the network reproduces the
-    template's ``mask``-mode outputs exactly.  Returns the number of layers copied.
+    Layers are matched by name (a gate's wrapped layer by its own name; the layers
+    inside fusion units by theirs).  The head gate's inference-time scaling (1 - p,
+    when it is on and not rescaling) is folded into the classifier kernel, so the
+    network reproduces the template's ``mask``-mode outputs exactly.  Returns the
+    number of layers copied.
     """
     import numpy as np
     source = layers_by_name(template)
     head = source.get("head_gate")
     copied = 0
-    for layer in network.layers:
-        if not layer.weights:
+    for name, layer in layers_by_name(network).items():
+        if not layer.weights or isinstance(layer, (FusionUnit, VariationalDropPath)):
             continue
-        if layer.name not in source:
-            raise ValueError(f"the template has no layer {layer.name!r}")
-        values = [np.asarray(v) for v in source[layer.name].weights]
-        if layer.name == "classifier" and head is not None and int(head.enabled.numpy()) \
+        if name not in source:
+            raise ValueError(f"the template has no layer {name!r}")
+        values = [np.asarray(v) for v in source[name].weights]
+        if head is not None and name == head.layer.name and int(head.enabled.numpy()) \
                 and not head.rescale:
             values[0] = values[0] * (1.0 - float(head.drop_rate))
         layer.set_weights(values)
@@ -333,13 +363,15 @@ def transfer_template_weights(template: keras.Model, network: keras.Model) -> in
 
 
 def strategy_network(template: Template, strategy: FusionStrategy,
-                     name: str = "densenet3d") -> Template:
+                     name: str | None = None) -> Template:
     """The gate-free network of ``strategy`` carrying ``template``'s weights.
 
     It computes what the template computes with that strategy's masks in
     inference, without the dropped branches' parameters and FLOPs and without
     gates: the network to deploy.
     """
+    name = name or {"densenet": "densenet3d"}.get(template.preset_kind,
+                                                   f"{template.preset_kind}3d")
     net = build_template(template.config, template.num_classes, strategy=strategy, name=name)
     transfer_template_weights(template, net)
     return net
@@ -367,6 +399,13 @@ class TemplateGates:
             raise ValueError(f"model has no gate {e.args[0]!r}; is it a template?") from None
         self.head = by_name.get("head_gate")
         self.all = self.s + self.t + ([self.head] if self.head is not None else [])
+        #: Positions that may be ``none`` (residual blocks); sampling keeps a branch elsewhere.
+        self.none_positions = frozenset(getattr(model, "none_positions", ()))
+
+    def required(self):
+        """Bool [P]: positions that must keep a branch (no residual path to fall back to)."""
+        import numpy as np
+        return np.array([p not in self.none_positions for p in self.positions], dtype=bool)
 
     def drop_rates(self):
         """Learned drop rates as a NumPy array [P, 2] (columns: S branch, T branch)."""
