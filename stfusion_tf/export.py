@@ -58,9 +58,12 @@ _KEEP_TO_CODE = [3, 0, 1, 2]
 
 
 class ProbabilitySpace(tf.Module):
-    def __init__(self, positions, drop_rates):
+    def __init__(self, positions, drop_rates, required=None):
         super().__init__(name="probability_space")
         self.p = tf.Variable(np.asarray(drop_rates, np.float32), trainable=False, name="drop_rates")
+        required = np.zeros(len(positions), bool) if required is None else np.asarray(required)
+        #: Positions that must keep a branch (as ``ranking.sample_masks``).
+        self.required = tf.constant(required, tf.bool)
         self.positions = tf.constant(list(positions))
         self.unit_names = tf.constant(list(UNITS))
 
@@ -86,6 +89,15 @@ class ProbabilitySpace(tf.Module):
                                         seed=tf.stack([seed, tf.constant(0, tf.int64)]))
         keep = tf.cast(u >= self.p, tf.int32)
         codes = tf.gather(tf.constant(_KEEP_TO_CODE, tf.int32), keep[..., 0] + 2 * keep[..., 1])
+        # Where a position must keep a branch, a 'none' draw is redrawn from the gates'
+        # distribution given a kept branch: P(S) : P(ST) : P(S+ST).
+        ks, kt = 1.0 - self.p[:, 0], 1.0 - self.p[:, 1]
+        w = tf.stack([ks * self.p[:, 1], self.p[:, 0] * kt, ks * kt], 1)
+        cum = tf.cumsum(w / tf.maximum(tf.reduce_sum(w, 1, keepdims=True), 1e-30), axis=1)
+        v = tf.random.stateless_uniform(tf.stack([num, tf.shape(self.p)[0], 1]),
+                                        seed=tf.stack([seed, tf.constant(1, tf.int64)]))
+        kept = tf.minimum(tf.reduce_sum(tf.cast(v > cum[None], tf.int32), -1), 2)
+        codes = tf.where((codes == 3) & self.required[None], kept, codes)
         return {"unit_codes": codes, "positions": self.positions, "unit_names": self.unit_names}
 
 
@@ -143,7 +155,7 @@ def _save(module, path, signatures):
 
 def export_probability_space(model, export_dir: str, version: int = 1) -> str:
     gates = TemplateGates(model)
-    mod = ProbabilitySpace(gates.positions, gates.drop_rates())
+    mod = ProbabilitySpace(gates.positions, gates.drop_rates(), gates.required())
     return _save(mod, os.path.join(export_dir, "probability_space", str(version)),
                  {"drop_rates": mod.drop_rates, "marginals": mod.marginals, "sample": mod.sample})
 
@@ -159,13 +171,14 @@ def strategy_classifier(model, strategy: FusionStrategy):
 
 
 def classifier_network(model, strategy: FusionStrategy):
-    """The network that serves ``strategy``: its gate-free DenseNet-3D
-    (``template.strategy_network``) when the strategy has no ``none`` unit (which
-    a gate-free network cannot hold) and the model is a ``Template`` (not a
-    functional model saved by an older version); otherwise the template with
-    the strategy's masks baked in.  Both give the same outputs; the first
-    without the dropped branches' weights and FLOPs."""
-    if isinstance(model, Template) and NONE not in strategy.units:
+    """The network that serves ``strategy``: its gate-free network
+    (``template.strategy_network``) when the model is a ``Template`` (not a
+    functional model saved by an older version) and the strategy has ``none``
+    only on residual blocks (elsewhere no gate-free network can hold it);
+    otherwise the template with the strategy's masks baked in.  Both give the
+    same outputs; the first without the dropped branches' weights and FLOPs."""
+    if isinstance(model, Template) and all(
+            u != NONE or p in model.none_positions for p, u in zip(strategy.positions, strategy.units)):
         return strategy_network(model, strategy)
     return strategy_classifier(model, strategy)
 
@@ -176,11 +189,18 @@ def export_classifier(model, strategy: FusionStrategy, name: str, label_map, exp
     """Writes the classifier of ``strategy`` (``classifier_network``); see ``export_network``."""
     network = classifier_network(model, strategy)
     if log:
-        kind = "template with masks" if network is model else "gate-free DenseNet-3D"
+        kind = "template with masks" if network is model else \
+            f"gate-free {network_label(model)}"
         log(f"classifier_{name}: {kind}, {network.count_params():,} parameters "
             f"(template {model.count_params():,})")
     return export_network(network, name, label_map, export_dir, eval_short_side, version,
                           crop_size)
+
+
+def network_label(model) -> str:
+    """``DenseNet-3D``, ``ResNet-3D`` or ``MobileNetV2-3D``: what a template's networks are."""
+    kind = getattr(model, "preset_kind", "densenet")
+    return {"densenet": "DenseNet-3D", "resnet": "ResNet-3D"}.get(kind, "MobileNetV2-3D")
 
 
 def export_network(network, name: str, label_map, export_dir: str, eval_short_side: int,

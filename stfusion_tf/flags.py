@@ -29,7 +29,9 @@ SYNTHETIC = ("synthetic_motion", "synthetic_appearance",  # data.synthetic.DATAS
              "synthetic_fine_motion")
 LAYOUTS = ("kinetics400", "ssv1", "ssv2", "ucf101", "folder")  # data.convert.LAYOUTS
 DATASETS = SYNTHETIC + LAYOUTS
-PRESETS = ("densenet121", "small", "tiny")  # model.template.PRESETS
+# model.template.preset_names(): the template presets, then every backbone preset.
+PRESETS = ("densenet121", "small", "tiny", "resnet50", "resnext50", "resnext101", "mobilenetv2",
+           "resnet_tiny", "resnext_tiny", "mobilenetv2_tiny", "densenet_tiny")
 SAMPLINGS = ("dense", "segments")  # data.pipeline.SAMPLINGS
 FIDELITY_POOLS = ("learned", "uniform")  # analysis.fidelity.POOLS
 NUM_CROPS = ("1", "3")  # data.pipeline.NUM_CROPS
@@ -130,7 +132,9 @@ flags.DEFINE_integer("data_service_workers", 2, "--mode=data_service: workers in
 flags.DEFINE_string("data_service_work_dir", None, "--mode=data_service: the dispatcher's "
                     "journal (fault-tolerant mode: a restarted dispatcher recovers its jobs).")
 # -- the template (TemplateConfig) and its gates (GateConfig) ------------------------------
-flags.DEFINE_enum("preset", "tiny", PRESETS, "Template network preset.")
+flags.DEFINE_enum("preset", "tiny", PRESETS, "Template network: the DenseNet template presets "
+                  "(densenet121, small, tiny) or any backbone preset, whose fusion units are then "
+                  "gated and searched the same way.")
 flags.DEFINE_bool("temporal_downsample", False, "Temporally down-sampled template variant.")
 flags.DEFINE_float("dropout", 0.0, "Dropout before the classifier while the gates are off (the "
                    "warm-up, and networks trained without v-DropPath; the authors: 0.5); off in "
@@ -406,10 +410,11 @@ def check() -> None:
 def _check_init() -> None:
     """A file given to --init_weights is checked where a fresh run reads it (a finished
     run's later modes do not need it)."""
+    from stfusion_tf.model.inflation import INFLATABLE
     value = FLAGS.init_weights
-    if value != "none" and FLAGS.preset != "densenet121":
-        raise UserError(f"--init_weights={value} inflates keras.applications.DenseNet121 and "
-                        f"needs --preset=densenet121 (got --preset={FLAGS.preset})")
+    if value != "none" and FLAGS.preset not in INFLATABLE:
+        raise UserError(f"--init_weights={value} inflates a keras.applications network and "
+                        f"needs --preset={', '.join(INFLATABLE)} (got --preset={FLAGS.preset})")
 
 
 def paths() -> tuple[str, str, str]:
@@ -454,6 +459,19 @@ def apply_record(model_dir: str, log=print) -> dict | None:
         else:
             flag.value = value
     return record
+
+
+def check_preset(model_dir: str) -> None:
+    """A ``UserError`` when ``--preset`` names another network than the run in
+    ``model_dir`` was trained with: its checkpoints and ``template.keras`` would not fit,
+    and nothing of the run is touched."""
+    from stfusion_tf import run_record
+    record = run_record.read(model_dir)
+    recorded = (record or {}).get("flags", {}).get("preset")
+    if recorded and FLAGS["preset"].present and FLAGS.preset != recorded:
+        raise UserError(f"{model_dir} holds a template of --preset={recorded}; --preset="
+                        f"{FLAGS.preset} is another network: drop --preset to continue that run, "
+                        "or give another --model_dir")
 
 
 def _show(value) -> str:

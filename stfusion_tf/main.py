@@ -282,6 +282,7 @@ def run(mode: str) -> None:
         from stfusion_tf.data import records
         records.read_manifest(data_dir)
     with lock.for_model_dir(mode, model_dir, FLAGS.distribution, os.environ.get("TF_CONFIG")):
+        cli.check_preset(model_dir)
         if mode in ("analyze", "export", "generalize", "fidelity") and \
                 cli.apply_record(model_dir, log=print) is not None:
             cli.check()

@@ -57,3 +57,65 @@ def read(model_dir: str) -> dict | None:
     if not isinstance(record, dict) or record.get("format") != FORMAT:
         raise UserError(f"{path} is not a run record of this version (format {FORMAT})")
     return record
+
+
+class Run:
+    """A trained run, read through its record (``load_run``): the template, its
+    marginals, the ranking of sampled strategies and Opt, and gate-free networks."""
+
+    def __init__(self, model_dir: str, record: dict):
+        self.model_dir, self.record = model_dir, record
+        self._template = None
+
+    def _analysis(self, name: str) -> str:
+        return os.path.join(self.model_dir, "analysis", name)
+
+    @property
+    def template(self):
+        """The trained template (``template.keras``), loaded once."""
+        if self._template is None:
+            from stfusion_tf import training
+            self._template = training.load_template(self.model_dir)
+        return self._template
+
+    @property
+    def positions(self) -> tuple[str, ...]:
+        return tuple(self.template.positions)
+
+    @property
+    def marginals(self) -> list[dict]:
+        """Per position: p_S, p_T and the marginals of S, ST, S+ST, none (Eq. 7)."""
+        from stfusion_tf import probability_space
+        return probability_space.marginals(self.template)
+
+    @property
+    def ranking(self) -> list[dict]:
+        """Sampled strategies scored by ``--mode=analyze``, best first ([] before it ran)."""
+        from stfusion_tf.analysis import ranking
+        rows, _ = files.read_jsonl(self._analysis("ranking.jsonl")) \
+            if os.path.exists(self._analysis("ranking.jsonl")) else ([], 0)
+        return sorted(rows, key=ranking.order)
+
+    @property
+    def opt(self):
+        """The Opt ``FusionStrategy`` ``--mode=analyze`` chose (None before it ran)."""
+        from stfusion_tf.model.strategy import FusionStrategy
+        path = self._analysis("opt_strategy.json")
+        return FusionStrategy.load(path) if os.path.exists(path) else None
+
+    def network(self, strategy=None):
+        """The gate-free network of ``strategy`` (default Opt) with the template's weights."""
+        from stfusion_tf.model.template import strategy_network
+        strategy = strategy or self.opt
+        if strategy is None:
+            raise UserError(f"{self.model_dir} has no Opt yet: run --mode=analyze first")
+        return strategy_network(self.template, strategy)
+
+
+def load_run(model_dir: str) -> Run:
+    """The run in ``model_dir`` (``--mode=train`` wrote it) as a ``Run``."""
+    record = read(model_dir)
+    if record is None:
+        raise UserError(f"{model_dir} holds no run record ({FILE}); train one with "
+                        f"python -m stfusion_tf.main --mode=train --model_dir={model_dir}")
+    return Run(model_dir, record)

@@ -77,7 +77,7 @@ def test_backbones_reject_bad_strategies():
     dpos = B.positions(dense)
     with pytest.raises(UserError, match="'none'.* at B1.L1"):
         B.build_backbone(dense, FusionStrategy(dpos, ("none",) + ("S",) * (len(dpos) - 1)), 3)
-    with pytest.raises(UserError, match="positions are 4: C2.B1, C3.B1, C4.B1, C5.B1"):
+    with pytest.raises(UserError, match="the resnet backbone has 4: C2.B1, C3.B1, C4.B1, C5.B1"):
         B.build_backbone(cfg, FusionStrategy.uniform(("B1.L1",), "S"), 3)
     with pytest.raises(ValueError, match="valid backbones: resnet50"):
         B.preset("vgg")

@@ -80,7 +80,7 @@ def test_flag_choices_are_the_library_tuples():
     from stfusion_tf.model import template as tpl
     library = {
         "dataset": synthetic.DATASETS + convert.LAYOUTS,
-        "preset": tuple(tpl.PRESETS),
+        "preset": tpl.preset_names(),
         "sampling": pipeline.SAMPLINGS,
         "num_crops": tuple(str(n) for n in pipeline.NUM_CROPS),
         "regularizer": gates.REGULARIZERS,

@@ -35,7 +35,8 @@ def describe(cfg) -> str:
     return " and ".join(parts) or "none"
 
 
-def check_feasible(costs: cost.TemplateCosts | None, positions, rates, cfg) -> None:
+def check_feasible(costs: cost.TemplateCosts | None, positions, rates, cfg,
+                   required=None) -> None:
     """Raises ``UserError`` unless some strategy the ranking will sample fits the budget."""
     if not budgeted(cfg):
         return
@@ -44,7 +45,7 @@ def check_feasible(costs: cost.TemplateCosts | None, positions, rates, cfg) -> N
                         "this saved model lacks (saved by an older version); retrain with "
                         "--mode=train")
     rows = [costs.row(s) for s in
-            ranking.sample_strategies(positions, rates, cfg.num_samples, cfg.seed)]
+            ranking.sample_strategies(positions, rates, cfg.num_samples, cfg.seed, required)]
     if not any(cost.fits(r, cfg.max_gmacs, cfg.max_params) for r in rows):
         cheap = min(rows, key=lambda r: (r["macs"], r["params"]))
         raise UserError(f"no sampled strategy fits the budget ({describe(cfg)}): the cheapest of "

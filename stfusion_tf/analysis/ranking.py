@@ -35,15 +35,42 @@ from stfusion_tf.model.template import TemplateGates
 CACHE_BYTES = 2 ** 31
 
 
-def sample_masks(drop_rates, num: int, seed: int) -> np.ndarray:
-    """[num, P, 2] keep masks with P(keep) = 1 - p per gate; reproducible per seed."""
+#: Keep masks of the three units that keep a branch: S, ST, S+ST.
+_KEPT = np.array([[1, 0], [0, 1], [1, 1]], np.float32)
+
+
+def kept_unit_probabilities(drop_rates) -> np.ndarray:
+    """[P, 3] P(S), P(ST), P(S+ST) given that at least one branch is kept."""
+    p = np.asarray(drop_rates, np.float64)
+    ks, kt = 1.0 - p[:, 0], 1.0 - p[:, 1]
+    w = np.stack([ks * p[:, 1], p[:, 0] * kt, ks * kt], 1)
+    return w / np.maximum(w.sum(1, keepdims=True), 1e-300)
+
+
+def sample_masks(drop_rates, num: int, seed: int, required=None) -> np.ndarray:
+    """[num, P, 2] keep masks with P(keep) = 1 - p per gate; reproducible per seed.
+
+    ``required`` (bool [P]): positions that must keep a branch (no residual path:
+    a DenseNet layer, a MobileNetV2 block that changes width or stride).  There a
+    draw with both branches dropped is replaced by one from the gates' distribution
+    given that a branch is kept, so every sample is a network that can be built.
+    """
     p = np.asarray(drop_rates, np.float64)
     rng = np.random.default_rng(seed)
-    return (rng.uniform(size=(num,) + p.shape) >= p).astype(np.float32)
+    masks = (rng.uniform(size=(num,) + p.shape) >= p).astype(np.float32)
+    if required is None or not np.any(required):
+        return masks
+    cum = np.cumsum(kept_unit_probabilities(p), 1)
+    choice = np.minimum((rng.uniform(size=(num, len(p), 1)) > cum[None]).sum(-1), 2)
+    redraw = (masks.sum(-1) == 0) & np.asarray(required, bool)[None, :]
+    masks[redraw] = _KEPT[choice[redraw]]
+    return masks
 
 
-def sample_strategies(positions, drop_rates, num: int, seed: int) -> list[FusionStrategy]:
-    return [FusionStrategy.from_mask(positions, m) for m in sample_masks(drop_rates, num, seed)]
+def sample_strategies(positions, drop_rates, num: int, seed: int,
+                      required=None) -> list[FusionStrategy]:
+    return [FusionStrategy.from_mask(positions, m)
+            for m in sample_masks(drop_rates, num, seed, required)]
 
 
 class StrategyScorer:
@@ -149,9 +176,11 @@ class StrategyScorer:
         return self.score_mask(strategy.to_mask())
 
 
-def _fingerprint(drop_rates, seed, num, protocol=None) -> str:
+def _fingerprint(drop_rates, seed, num, protocol=None, required=None) -> str:
     h = hashlib.sha256(np.asarray(drop_rates, np.float64).round(8).tobytes())
     h.update(f"{seed}:{num}".encode())
+    if required is not None:  # which positions must keep a branch changes the samples
+        h.update(b"required:" + np.asarray(required, bool).tobytes())
     if protocol is not None:
         h.update(protocol["label"].encode())
     return h.hexdigest()[:16]
@@ -167,7 +196,8 @@ def rank(scorer: StrategyScorer, positions, drop_rates, num: int, seed: int,
     also to rows a previous version wrote without them.  Returns all rows sorted
     best first (``order``).
     """
-    fp = _fingerprint(drop_rates, seed, num, scorer.protocol)
+    required = scorer.gates.required()
+    fp = _fingerprint(drop_rates, seed, num, scorer.protocol, required)
     rows, torn = files.read_jsonl(jsonl_path)  # a torn line's strategy is scored again
     done = {row["index"]: row for row in rows if row.get("fingerprint") == fp}
     costless = [r for r in done.values() if cost_fn and "macs" not in r]
@@ -178,7 +208,7 @@ def rank(scorer: StrategyScorer, positions, drop_rates, num: int, seed: int,
         files.rewrite_jsonl(jsonl_path, done.values())
     if done:
         log(f"resuming ranking: {len(done)}/{num} strategies already scored")
-    strategies = sample_strategies(positions, drop_rates, num, seed)
+    strategies = sample_strategies(positions, drop_rates, num, seed, required)
     by_key = {row["key"]: row for row in done.values() if "duplicate_of" not in row}
     with files.JsonlAppender(jsonl_path) as f:
         for i, st in enumerate(strategies):

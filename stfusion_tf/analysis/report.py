@@ -173,8 +173,13 @@ def _movement(model, model_dir: str, rates) -> dict:
 def _template_costs(model) -> cost.TemplateCosts | None:
     """Costs of the template's strategies; None for a functional model saved by an older
     version (no architecture config)."""
+    from stfusion_tf.model.template import TemplateConfig
     config = getattr(model, "config", None)
-    return None if config is None else cost.template_costs(config, int(model.output_shape[-1]))
+    if config is None:
+        return None
+    if isinstance(config, TemplateConfig):
+        return cost.template_costs(config, int(model.output_shape[-1]))
+    return cost.network_costs(model)
 
 
 def _images(model_dir: str, out: str, pngs: dict) -> None:
@@ -213,7 +218,7 @@ def analyze(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfi
     gates = TemplateGates(model)
     positions, rates = gates.positions, gates.drop_rates()
     costs = _template_costs(model)
-    budget.check_feasible(costs, positions, rates, cfg)  # before any scoring
+    budget.check_feasible(costs, positions, rates, cfg, gates.required())  # before any scoring
     rows = marg.marginals_table(positions, rates)
     files.write_text(os.path.join(out, "marginals.json"), marg.to_json(rows))
     files.write_text(os.path.join(out, "marginals.csv"), marg.to_csv(rows))

@@ -8,8 +8,8 @@ A strategy spec (``--backbone_strategies``) is one of
   ``ucf`` (UCF101).  DenseNet121 uses the paper's best sampled strategy of
   Fig. 4 (mapped by relative depth onto a smaller DenseNet);
 * ``opt``: from a trained template's analysis: its Opt strategy where the
-  backbone has the template's positions (DenseNet, as the paper did) and Opt
-  drops no position entirely (``none``), otherwise
+  backbone has the template's positions (DenseNet, as the paper did, or a
+  template of that very backbone) and can hold it, otherwise
   the template's layer-level marginals mapped by relative depth and the most
   probable unit taken at each position;
 * a comma-separated list of units, one per stage (or row) or one per position;
@@ -116,12 +116,13 @@ def _decode(code: str) -> list[str]:
     return [_LETTER[c] for c in code.replace("|", "")]
 
 
-def paper_rule(cfg: bb.BackboneConfig, family: str) -> FusionStrategy:
-    """The paper's hand-designed Opt for ``family`` on backbone ``cfg``."""
+def paper_rule(cfg, family: str) -> FusionStrategy:
+    """The paper's hand-designed Opt for ``family`` on backbone ``cfg`` (a
+    ``BackboneConfig`` or a DenseNet's ``TemplateConfig``)."""
     if family not in FAMILIES:
         raise UserError(f"family={family!r}; valid values: {', '.join(FAMILIES)}")
-    pos = bb.positions(cfg)
-    if cfg.arch == "densenet":
+    pos = tpl.network_positions(cfg)
+    if getattr(cfg, "arch", "densenet") == "densenet":
         full = tpl.template_positions(tpl.PRESETS["densenet121"])
         best = FusionStrategy(full, tuple(_decode(PAPER_BEST[_FAMILY_BEST[family]])))
         return map_strategy(best, pos)
@@ -141,14 +142,15 @@ def paper_rule(cfg: bb.BackboneConfig, family: str) -> FusionStrategy:
     return FusionStrategy(pos, tuple(units))
 
 
-def from_template(analysis_dir: str, cfg: bb.BackboneConfig) -> FusionStrategy:
+def from_template(analysis_dir: str, cfg) -> FusionStrategy:
     """``opt``: a template's Opt (same positions) or its marginals mapped by depth."""
-    pos = bb.positions(cfg)
+    pos = tpl.network_positions(cfg)
     opt_path = os.path.join(analysis_dir, "opt_strategy.json")
     marg_path = os.path.join(analysis_dir, "marginals.json")
     if os.path.exists(opt_path):
         opt = FusionStrategy.load(opt_path)
-        if tuple(opt.positions) == pos and "none" not in opt.units:
+        if tuple(opt.positions) == pos and all(u != "none" or p in tpl.none_positions(cfg)
+                                               for p, u in zip(opt.positions, opt.units)):
             return opt
     if not os.path.exists(marg_path):
         raise UserError(f"{marg_path} missing: run --mode=analyze on the template first")
@@ -158,10 +160,11 @@ def from_template(analysis_dir: str, cfg: bb.BackboneConfig) -> FusionStrategy:
                           [r["position"] for r in rows])
 
 
-def resolve(spec: str, cfg: bb.BackboneConfig, family: str = "ss",
+def resolve(spec: str, cfg, family: str = "ss",
             analysis_dir: str | None = None) -> FusionStrategy:
-    """A FusionStrategy for backbone ``cfg`` from a spec string (see module docstring)."""
-    pos = bb.positions(cfg)
+    """A FusionStrategy for backbone ``cfg`` (a ``BackboneConfig``, or a DenseNet's
+    ``TemplateConfig``) from a spec string (see module docstring)."""
+    pos = tpl.network_positions(cfg)
     if spec in (S, ST, S_ST):
         return FusionStrategy.uniform(pos, spec)
     if spec == "paper":
@@ -172,20 +175,27 @@ def resolve(spec: str, cfg: bb.BackboneConfig, family: str = "ss",
         return from_template(analysis_dir, cfg)
     if os.path.exists(spec):
         st = FusionStrategy.load(spec)
-        if tuple(st.positions) != pos:
-            raise UserError(f"{spec}: its positions do not match the backbone's "
-                             f"({pos[0]} ... {pos[-1]})")
+        try:
+            st.check_buildable(pos, tpl.network_name(cfg), tpl.none_positions(cfg))
+        except UserError as e:
+            raise UserError(f"{spec}: {e}") from None
         return st
     units = [u.strip() for u in spec.split(",")]
-    bad = [u for u in units if u not in UNITS[:3]]
+    bad = [u for u in units if u not in UNITS]
     if bad:
         raise UserError(f"strategy spec {spec!r}: valid specs are S, ST, S+ST, paper, opt, a "
-                         "FusionStrategy JSON path or a comma-separated unit list (units S, ST, S+ST)")
+                         "FusionStrategy JSON path or a comma-separated unit list (units S, ST, "
+                         "S+ST, none: a residual block's shortcut alone)")
     stages = list(dict.fromkeys(bb.stage_of(p) for p in pos))
     if len(units) == len(pos):
-        return FusionStrategy(pos, tuple(units))
-    if len(units) == len(stages):
+        st = FusionStrategy(pos, tuple(units))
+    elif len(units) == len(stages):
         per_stage = dict(zip(stages, units))
-        return FusionStrategy(pos, tuple(per_stage[bb.stage_of(p)] for p in pos))
+        st = FusionStrategy(pos, tuple(per_stage[bb.stage_of(p)] for p in pos))
+    else:
+        st = None
+    if st is not None:
+        st.check_buildable(pos, tpl.network_name(cfg), tpl.none_positions(cfg))
+        return st
     raise UserError(f"strategy spec {spec!r} has {len(units)} units; give one per stage "
                      f"({len(stages)}: {', '.join(stages)}) or one per position ({len(pos)})")

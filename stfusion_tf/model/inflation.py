@@ -131,11 +131,20 @@ def _target_names(name: str, arch: str) -> list[str]:
     return densenet_names(name) if arch == "densenet" else [name, f"{name}_s", f"{name}_t"]
 
 
-def _branch_count(target: str, strategy: FusionStrategy | None, found: int) -> int:
-    """Branches the network runs at the fusion unit of ``target`` (a DenseNet S/T conv)."""
-    if strategy is None or not target.endswith(("_s_conv", "_t_conv")):
+def _fusion_convs(model3d) -> dict:
+    """Name of every fusion-unit conv -> its position (models that know their positions)."""
+    keys = {p.lower().replace(".", "_"): p for p in getattr(model3d, "positions", ())}
+    return {c.name: keys[l.key] for l in model3d._flatten_layers(include_self=False)
+            if isinstance(l, FusionUnit) and l.key in keys for c in l.convs}
+
+
+def _branch_count(target: str, strategy: FusionStrategy | None, found: int,
+                  convs: dict) -> int:
+    """Branches the network runs at the fusion unit of conv ``target``: those ``strategy``
+    keeps there, else the branches the 3D network has (``found``)."""
+    if strategy is None or target not in convs:
         return found
-    unit = dict(zip(strategy.positions, strategy.units))[tpl._position_from_key(target[:-7])]
+    unit = dict(zip(strategy.positions, strategy.units))[convs[target]]
     return max(1, sum(UNIT_TO_KEEP[unit]))
 
 
@@ -172,6 +181,7 @@ def inflate(model3d: keras.Model, model2d: keras.Model, arch: str,
     if branches not in BRANCH_INITS:
         raise UserError(f"branches={branches!r}; valid values: {', '.join(BRANCH_INITS)}")
     layers3d = tpl.layers_by_name(model3d)
+    convs = _fusion_convs(model3d)
     biases, done, copied, skipped = {}, set(), set(), []
     layers2d = [l for l in model2d.layers if l.weights]
     for layer in layers2d:  # conv biases first: folded into the next BN
@@ -195,7 +205,7 @@ def inflate(model3d: keras.Model, model2d: keras.Model, arch: str,
         else:  # Conv2D / DepthwiseConv2D
             k2 = np.asarray(layer.kernel)
             for t in targets:
-                n = _branch_count(t.name, strategy, len(targets))
+                n = _branch_count(t.name, strategy, len(targets), convs)
                 scale = 1.0 / n if branches == "split" else 1.0
                 t.kernel.assign(_inflate_kernel(k2, tuple(t.kernel.shape), scale))
     missing = [n for n, l in layers3d.items() if l.trainable_weights and n not in done
@@ -249,12 +259,21 @@ def check_densenet121(config: tpl.TemplateConfig) -> None:
                         "layout (--preset=densenet121)")
 
 
+#: Template presets keras.applications has a 2D twin of (``--init_weights``).
+INFLATABLE = ("densenet121", "resnet50", "mobilenetv2")
+
+
 def initialize_template(model: tpl.Template, weights: str, branches: str = "split",
                         strategy: FusionStrategy | None = None) -> dict:
-    """Inflates DenseNet121 (``weights``: "imagenet" or a local file, see ``load_2d``) into a
-    DenseNet-121 template: stem, every wrapped S/T conv, transitions, BatchNorm; the
-    classifier stays fresh unless the 2D one has the same classes.  Returns the report."""
-    check_densenet121(model.config)
-    model2d = load_2d("DenseNet121", weights)
-    report = inflate(model, model2d, "densenet", strategy=strategy, branches=branches)
+    """Inflates a keras.applications network (``weights``: "imagenet" or a local file, see
+    ``load_2d``) into a template of its layout: DenseNet121 into the DenseNet-121
+    template, ResNet50 / MobileNetV2 into their gated backbones.  Stem, every wrapped
+    S/T conv, BatchNorm; the classifier stays fresh unless the 2D one has the same
+    classes.  Returns the report."""
+    if isinstance(model.config, tpl.TemplateConfig):
+        check_densenet121(model.config)
+        model2d, arch = load_2d("DenseNet121", weights), "densenet"
+    else:
+        model2d, arch = keras_2d_model(model.config, 1000, weights), model.config.arch
+    report = inflate(model, model2d, arch, strategy=strategy, branches=branches)
     return {"init_weights": weights, "branches": branches, **report}

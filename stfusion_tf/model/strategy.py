@@ -159,8 +159,8 @@ class FusionStrategy:
         ``none`` only at ``none_positions`` (residual blocks)."""
         positions = tuple(positions)
         if self.positions != positions:
-            raise UserError(f"the strategy's positions ({_span(self.positions)}) do not fit the "
-                            f"{network}, whose positions are {_span(positions)}")
+            raise UserError(f"positions do not match: the strategy has {_span(self.positions)}; "
+                            f"the {network} has {_span(positions)}")
         bad = [p for p, u in zip(self.positions, self.units) if u == NONE and p not in none_positions]
         if bad:
             raise UserError(f"the {network} cannot hold the unit 'none' (both branches dropped) "

@@ -386,21 +386,30 @@ class TemplateGates:
 
     def __init__(self, model: keras.Model, positions=None):
         by_name = {g.name: g for g in gate_layers(model)}
+        units = {u.key: u for u in model._flatten_layers(include_self=False, recursive=True)
+                 if isinstance(u, FusionUnit) and u.gates}
         if positions is None:
             positions = getattr(model, "positions", None)
+        if positions is None and units:  # a user's network: its fusion units' keys
+            positions = list(units)
         if positions is None:  # a functional model saved before the Template class
             positions = [_position_from_key(n[: -len("_s_gate")])
                          for n in by_name if n.endswith("_s_gate")]
         self.positions = tuple(positions)
         try:
-            self.s = [by_name[_gate_names(p)[0]] for p in self.positions]
-            self.t = [by_name[_gate_names(p)[1]] for p in self.positions]
+            self.s = [by_name[_gate_names(p)[0] if _key(p) in units else f"{p}_s_gate"]
+                      for p in self.positions]
+            self.t = [by_name[_gate_names(p)[1] if _key(p) in units else f"{p}_t_gate"]
+                      for p in self.positions]
         except KeyError as e:
             raise ValueError(f"model has no gate {e.args[0]!r}; is it a template?") from None
         self.head = by_name.get("head_gate")
         self.all = self.s + self.t + ([self.head] if self.head is not None else [])
-        #: Positions that may be ``none`` (residual blocks); sampling keeps a branch elsewhere.
-        self.none_positions = frozenset(getattr(model, "none_positions", ()))
+        #: Positions that may be ``none``: their unit sits on a residual block (it returns
+        #: a block keep factor); sampling keeps a branch everywhere else.
+        self.none_positions = frozenset(
+            p for p in self.positions
+            if getattr(units.get(_key(p), units.get(p)), "return_keep", False))
 
     def required(self):
         """Bool [P]: positions that must keep a branch (no residual path to fall back to)."""
