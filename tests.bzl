@@ -20,6 +20,8 @@ FAST = [
     "cost",
     "evaluation",
     "augment",
+    "fusion",
+    "api",
 ]
 
 SLOW = [

@@ -78,7 +78,7 @@ class Bench:
 
     def common(self, flagfile):
         return [f"--flagfile=configs/{flagfile}.flags", f"--data_dir={self.data_dir(flagfile)}",
-                "--verbose=0", "--backbones=", *self.flags]
+                "--progress=0", "--backbones=", *self.flags]
 
     def parallel(self, jobs):
         """Runs (name, fn) jobs ``self.jobs`` at a time; prints a line per finished job."""
@@ -114,7 +114,7 @@ class Bench:
                 return 0.0
             return _main([f"--model_dir={run}", "--mode=generalize", "--backbones=densenet_tiny",
                           "--backbone_strategies=opt,S+ST,S,ST", "--generalize_seeds=1",
-                          f"--generalize_epochs={self.standalone_epochs}", "--verbose=0"],
+                          f"--generalize_epochs={self.standalone_epochs}", "--progress=0"],
                          os.path.join(self.out, "logs", f"standalone_{seed}.log"))
         return f"stand-alone motion seed {seed}", job
 
@@ -131,7 +131,7 @@ class Bench:
                 return 0.0
             return _main([f"--model_dir={run}", "--mode=fidelity", f"--fidelity_pool={pool}",
                           f"--fidelity_strategies={self.fidelity_strategies}",
-                          "--recalibrate_batches=16", "--verbose=0"],
+                          "--recalibrate_batches=16", "--progress=0"],
                          os.path.join(self.out, "logs", f"fidelity_{pool}_{task}_{seed}.log"))
         return f"fidelity {task} seed {seed}", job
 

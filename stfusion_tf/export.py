@@ -11,7 +11,8 @@ Both are plain ``tf.Module`` SavedModels in TF-Serving layout
   ``sample(num, seed)`` -> unit_codes [num,P] int32 (0 S, 1 ST, 2 S+ST, 3 none),
                            positions, unit_names; deterministic per seed.  Each
                            gate is dropped with its learned p, as the authors
-                           sampled strategies.
+                           sampled strategies; where a position has no residual
+                           path a 'none' draw is redrawn given a kept branch.
 
 ``classifier_<strategy>`` (the strategy's gate-free network, see
 ``classifier_network``) signatures
@@ -77,8 +78,13 @@ class ProbabilitySpace(tf.Module):
             return tf.stack([ks * (1 - kt), (1 - ks) * kt, ks * kt, (1 - ks) * (1 - kt)], axis=1)
         keep7 = 1.0 - tf.sqrt(self.p)
         keep = 1.0 - self.p
-        return {"marginals": table(keep7[:, 0], keep7[:, 1]),
-                "sampling_marginals": table(keep[:, 0], keep[:, 1]),
+        sampling = table(keep[:, 0], keep[:, 1])
+        # What ``sample`` draws from: where a position must keep a branch, 'none' is
+        # excluded and the other three renormalised.
+        kept = sampling[:, :3] / tf.maximum(1.0 - sampling[:, 3:], 1e-30)
+        conditioned = tf.concat([kept, tf.zeros_like(sampling[:, 3:])], axis=1)
+        sampling = tf.where(self.required[:, None], conditioned, sampling)
+        return {"marginals": table(keep7[:, 0], keep7[:, 1]), "sampling_marginals": sampling,
                 "positions": self.positions, "unit_names": self.unit_names}
 
     @tf.function(input_signature=[tf.TensorSpec([], tf.int32, name="num"),
@@ -201,6 +207,18 @@ def network_label(model) -> str:
     """``DenseNet-3D``, ``ResNet-3D`` or ``MobileNetV2-3D``: what a template's networks are."""
     kind = getattr(model, "preset_kind", "densenet")
     return {"densenet": "DenseNet-3D", "resnet": "ResNet-3D"}.get(kind, "MobileNetV2-3D")
+
+
+def export_run(model, model_dir: str, spec: str, label_map, export_dir: str, eval_short_side: int,
+               crop_size: int | None = None, log=None) -> tuple:
+    """A trained template's probability space and the classifier of strategy ``spec``
+    (``resolve_strategy``): (name, the classifier's network, the written paths)."""
+    name, strategy = resolve_strategy(spec, model_dir, TemplateGates(model).positions)
+    network = classifier_network(model, strategy)
+    paths = [export_probability_space(model, export_dir),
+             export_classifier(model, strategy, name, label_map, export_dir, eval_short_side,
+                               crop_size, log=log)]
+    return name, network, paths
 
 
 def export_network(network, name: str, label_map, export_dir: str, eval_short_side: int,

@@ -56,7 +56,10 @@ flags.DEFINE_string("data_dir", None, "Dataset directory (shards + manifest.json
 flags.DEFINE_string("model_dir", None, "Where checkpoints, TensorBoard logs, the run record, the "
                     "trained template and the analysis go. Default: runs/<dataset>.")
 flags.DEFINE_string("export_dir", None, "SavedModel root. Default: <model_dir>/export.")
-flags.DEFINE_integer("verbose", 1, "Keras progress bar: 0 silent, 1 bar, 2 one line per epoch.")
+flags.DEFINE_integer("progress", 1, "Keras progress bar: 0 silent, 1 bar, 2 one line per epoch.")
+flags.DEFINE_bool("verbose", False, "Also print TensorFlow's and the library's log lines (C++ "
+                  "start-up messages, INFO lines per shard and checkpoint); off: the [mode] lines, "
+                  "progress bars, warnings and errors only.")
 flags.DEFINE_bool("debug", False, "Show the traceback of a user error (missing data, bad flag).")
 # -- preparing a dataset (--mode=prepare) ----------------------------------------------------
 flags.DEFINE_string("source_dir", None, "Root of the raw dataset in its official layout "
@@ -244,8 +247,13 @@ flags.DEFINE_list("backbones", [], "3D backbones for --mode=generalize (also run
                   "when set) and --mode=summary: resnet50, resnext50, resnext101, mobilenetv2, "
                   "densenet121, or the *_tiny versions.")
 flags.DEFINE_list("backbone_strategies", ["opt", "S+ST", "S", "ST"], "Fusion strategies per "
-                  "backbone: opt (from the template's analysis), paper (the paper's hand rule), "
-                  "S, ST, S+ST, a unit list per stage or position, or a FusionStrategy JSON path.")
+                  "backbone: searched (the Opt of a v-DropPath template of that backbone, trained "
+                  "and analysed under <model_dir>/searched/<backbone> with this run's recipe, or "
+                  "given by --searched_runs), opt (transferred from this run's template), "
+                  "opt_depth (the earlier transfer rule), paper (the paper's hand rule), S, ST, "
+                  "S+ST, a unit list per stage or position, or a FusionStrategy JSON path.")
+flags.DEFINE_list("searched_runs", [], "BACKBONE=MODEL_DIR,...: analysed template runs of those "
+                  "backbones (--preset=BACKBONE) to take 'searched' from instead of training one.")
 flags.DEFINE_enum("fusion_family", "auto", ("auto",) + FAMILIES, "Dataset family of "
                   "the paper's hand rules (auto: from --dataset).")
 flags.DEFINE_integer("generalize_epochs", 0, "Epochs of each --mode=generalize network (0: "
@@ -297,8 +305,8 @@ ANALYSIS_FLAGS = {"num_samples": "num_samples", "seed": "sample_seed",
                   "selection_protocol": "selection_protocol", "max_gmacs": "max_gmacs",
                   "max_params": "max_params"}
 #: Flags that do not define a run, so the run record neither keeps nor restores them.
-OPERATIONAL = ("mode", "model_dir", "export_dir", "verbose", "debug", "strategy", "runs",
-               "aggregate_dir", "repair", "tflite", "export_model",
+OPERATIONAL = ("mode", "model_dir", "export_dir", "verbose", "progress", "debug", "strategy",
+               "runs", "aggregate_dir", "repair", "tflite", "export_model",
                "data_service_port", "data_service_workers", "data_service_work_dir",
                "prepare_workers", "num_classes", "fidelity_pool")
 

@@ -74,8 +74,8 @@ class Run:
     def template(self):
         """The trained template (``template.keras``), loaded once."""
         if self._template is None:
-            from stfusion_tf import training
-            self._template = training.load_template(self.model_dir)
+            from stfusion_tf import saved_template
+            self._template = saved_template.load_template(self.model_dir)
         return self._template
 
     @property

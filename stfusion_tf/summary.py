@@ -25,15 +25,17 @@ def _gmacs(macs: int) -> float:
 
 
 def template_summary(preset: str, config, gate, num_classes: int) -> dict:
-    """Parameter counts of the template and MACs / parameters of its uniform strategies."""
+    """Parameter counts and MACs of the gated template (any preset: the DenseNet template
+    or a backbone) and of the gate-free networks of its uniform strategies."""
     model = tpl.build_template(config, num_classes, gate)
     kernels = int(sum(np.prod(v.shape) for v in model.weights if v.path.endswith("kernel")))
-    costs = cost.template_costs(config, num_classes)
+    costs = cost.costs_of(model)
     strategies = {}
     for unit in UNIFORM:
         c = costs.of(FusionStrategy.uniform(costs.positions, unit))
         strategies[unit] = {"gmacs": _gmacs(c.macs), "params": c.params}
-    return {"preset": preset, "input": list(backbones.input_geometry(model)),
+    return {"preset": preset, "network": tpl.network_name(config),
+            "input": list(backbones.input_geometry(model)),
             "num_classes": num_classes,
             "positions": len(model.positions), **backbones.count_params(model),
             "params_conv_fc_kernels": kernels, "template_gmacs": _gmacs(cost.model_macs(model)),

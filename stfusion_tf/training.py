@@ -30,7 +30,6 @@ from stfusion_tf.data import pipeline, records
 from stfusion_tf.optimization import (  # noqa: F401  (train() takes a TrainConfig)
     GATE_OPTIMIZERS, OPTIMIZERS, Phase, TrainConfig, build_optimizer, compile_model, phases,
     standalone)
-from stfusion_tf.errors import UserError
 from stfusion_tf.model import backbones
 from stfusion_tf.model import gates as gates_lib
 from stfusion_tf.model import template as tpl
@@ -258,45 +257,3 @@ def _evaluate(model, data_dir, split, input_cfg, manifest, verbose, log, model_d
         log(f"[input] {split}: {expected - result['num_videos']} of {expected} videos could not "
             "be read (corrupt) and were not scored")
     return result
-
-
-class DamagedModelFile(UserError):
-    """A saved model file that exists but does not load (cut, overwritten)."""
-
-
-def load_template(model_dir: str) -> keras.Model:
-    path = os.path.join(model_dir, MODEL_FILE)
-    if not os.path.exists(path):
-        raise UserError(f"no trained template at {path}; run --mode=train first")
-    try:
-        return keras.models.load_model(path)
-    except Exception as e:  # noqa: BLE001 - a cut zip, bad JSON or HDF5 fail in many ways
-        raise DamagedModelFile(f"{path} does not load ({type(e).__name__}: "
-                               f"{str(e).strip()[:160]})") from None
-
-
-def rebuild_from_checkpoint(model: keras.Model, model_dir: str, reason: str,
-                            model_file: str = MODEL_FILE, log=print) -> keras.Model:
-    """Rewrites a damaged ``model_file`` of a finished run from its newest complete
-    checkpoint: ``model`` (built as in training) takes the checkpoint's weights and gate
-    state, as ``train`` left them before saving.  The run's own recipe (``run.json``)
-    says how many epochs make it finished."""
-    from stfusion_tf import run_record
-    record = run_record.read(model_dir)
-    if record is None or "train" not in record.get("configs", {}):
-        raise UserError(f"{reason}; re-run --mode=train to write it again")
-    cfg = record["configs"]["train"]
-    epoch = tf.Variable(0, dtype=tf.int64, trainable=False)
-    ckpt_dir = os.path.join(model_dir, "checkpoints")
-    got = cb.restore_newest(tf.train.Checkpoint(model=model, epoch=epoch), ckpt_dir, epoch, log)
-    if got < cfg["epochs"]:
-        raise UserError(f"{reason}, and the newest complete checkpoint in {ckpt_dir} is from "
-                        f"epoch {got} of {cfg['epochs']}; re-run --mode=train to finish the run")
-    cb.set_phase(model, variational=cfg["epochs"] > cfg["warmup_epochs"])
-    path = os.path.join(model_dir, model_file)
-    if os.path.exists(path):
-        os.replace(path, path + ".damaged")
-    files.save_keras(model, path)
-    log(f"[checkpoint] {reason}; rebuilt it from the checkpoint of epoch {got} (the damaged "
-        f"file is kept as {os.path.basename(path)}.damaged)")
-    return model

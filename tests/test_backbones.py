@@ -66,7 +66,6 @@ def _branch_names(cfg, position):
 
 def test_backbones_reject_bad_strategies():
     cfg = B.preset("resnet_tiny")
-    pos = B.positions(cfg)
     # 'none' needs a residual block: every ResNet block has one, MobileNetV2's M2.B1
     # (wider, stride 2) and every DenseNet position do not.
     mobile = B.preset("mobilenetv2_tiny")

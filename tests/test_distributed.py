@@ -82,7 +82,7 @@ def _free_ports(n):
 
 
 TINY = ["--synthetic_train=32", "--synthetic_val=8", "--synthetic_test=8", "--synthetic_frames=10",
-        "--batch_size=4", "--steps_per_epoch=3", "--warmup_epochs=1", "--verbose=0"]
+        "--batch_size=4", "--steps_per_epoch=3", "--warmup_epochs=1", "--progress=0"]
 
 
 def _cmd(tmp_path, *args):

@@ -11,7 +11,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--synthetic_train=32", "--synthetic_val=8", "--synthetic_test=8", "--synthetic_frames=10",
         "--batch_size=4", "--steps_per_epoch=3", "--warmup_epochs=1", "--num_samples=6",
         "--recalibrate_batches=2", "--backbones=", "--generalize_epochs=1", "--generalize_seeds=1",
-        "--verbose=0"]
+        "--progress=0"]
 
 
 def _run(*args, cwd=ROOT):
@@ -124,7 +124,7 @@ def test_mode_all_then_resume(tmp_path):
     if "none" not in opt["units"]:
         assert dense_opt["code"] == opt["code"]
     md = (run / "analysis/generalization.md").read_text()
-    assert "| resnet_tiny |" in md and "| Opt | S | ST |" in md
+    assert "| resnet_tiny |" in md and "| Transferred | S | ST |" in md
     assert "Evaluation protocol: " in md and " x 1 clip x 1 crop of " in md
     assert "generalization" in _tags(str(run / "tensorboard" / "generalize"))
 

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-from stfusion_tf import files
+from stfusion_tf import files, saved_template
 from stfusion_tf.data import framing, pipeline, records, synthetic, verify
 from stfusion_tf.errors import UserError, environment_message
 
@@ -27,7 +27,7 @@ ENV = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONPATH=ROOT)
 SPEC = synthetic.SyntheticSpec(num_train=16, num_val=8, num_test=8, num_frames=10,
                                clips_per_shard=8)
 TRAIN = ["--mode=train", "--epochs=2", "--warmup_epochs=2", "--batch_size=4",
-         "--steps_per_epoch=2", "--verbose=0"]
+         "--steps_per_epoch=2", "--progress=0"]
 
 
 def _main(*args, limit=None, wait=True, cwd=ROOT):
@@ -264,7 +264,7 @@ def test_a_damaged_template_is_rebuilt_from_the_last_checkpoint(trained, data):
     from stfusion_tf import training
     run = trained["run"]
     path = os.path.join(run, "template.keras")
-    good = training.load_template(run)
+    good = saved_template.load_template(run)
     with open(path, "r+b") as f:
         f.truncate(1000)
     r = _main("--mode=export", "--strategy=S+ST", f"--model_dir={run}")
@@ -273,7 +273,7 @@ def test_a_damaged_template_is_rebuilt_from_the_last_checkpoint(trained, data):
     assert len(said) == 1 and "template.keras does not load" in said[0]
     assert "rebuilt it from the checkpoint of epoch 2" in said[0]
     assert os.path.exists(path + ".damaged")
-    rebuilt = training.load_template(run)
+    rebuilt = saved_template.load_template(run)
     for a, b in zip(good.weights, rebuilt.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
     assert tf.saved_model.load(os.path.join(run, "export", "classifier_S_plus_ST", "1"))
@@ -330,7 +330,7 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(compiled_
 def test_a_full_disk_while_exporting_keeps_the_previous_export(trained, tmp_path):
     import tensorflow as tf
     from stfusion_tf import export, training
-    model = training.load_template(trained["run"])
+    model = saved_template.load_template(trained["run"])
     first = export.export_probability_space(model, str(tmp_path))
     with _file_size_limit(8_000), pytest.raises(Exception) as failure:
         export.export_probability_space(model, str(tmp_path))  # saved_model.pb: ~33 kB

@@ -82,3 +82,20 @@ def test_template_save_load_keeps_the_backbone_config(tmp_path):
     loaded = keras.models.load_model(path)
     assert loaded.config == model.config and loaded.positions == model.positions
     np.testing.assert_allclose(model(_X), loaded(_X), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset,positions", [("resnet50", 16), ("mobilenetv2", 17)])
+def test_full_size_backbone_templates_take_a_training_step(preset, positions):
+    """The real backbones as templates at their real input (16 x 224^2): shapes, one step."""
+    model = T.build_template(T.preset(preset, num_frames=16, crop_size=224), 174,
+                             T.GateConfig(dataset_size=1000))
+    gates = T.TemplateGates(model)
+    assert len(model.positions) == positions == len(gates.s) and gates.head is not None
+    assert model.compute_output_shape((2, 16, 224, 224, 3)) == (2, 174)
+    model.compile(keras.optimizers.SGD(0.1),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    before = gates.drop_rates()
+    x = np.random.default_rng(0).uniform(0, 255, (1, 16, 224, 224, 3)).astype("float32")
+    loss = model.train_on_batch(x, np.array([3]))
+    assert np.isfinite(loss) and np.abs(gates.drop_rates() - before).max() > 0

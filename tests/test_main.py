@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -35,6 +37,19 @@ def test_summary_prints_parameter_counts():
     g = {u: out["strategies"][u]["gmacs"] for u in ("S", "ST", "S+ST")}
     assert 0 < g["S"] < g["ST"] < g["S+ST"] == out["template_gmacs"]
     assert out["strategies"]["S+ST"]["params"] == out["params_trainable"] - 23  # less the gates
+
+
+@pytest.mark.parametrize("preset,positions", [("resnet50", 16), ("mobilenetv2", 17)])
+def test_summary_of_a_backbone_template_at_full_size(preset, positions):
+    """A backbone as a template: the gated network and its gate-free uniform networks."""
+    r = _run("--flagfile=configs/ssv1.flags", "--mode=summary", f"--preset={preset}")
+    assert r.returncode == 0, r.stderr[-2000:]
+    out = json.loads(r.stdout)
+    assert out["input"] == [16, 224, 224, 3] and out["positions"] == positions
+    g = {u: out["strategies"][u]["gmacs"] for u in ("S", "ST", "S+ST")}
+    assert 0 < g["S"] < g["ST"] < g["S+ST"] == out["template_gmacs"]
+    # Gated = S+ST's network plus one drop logit per branch gate and the head gate.
+    assert out["params_trainable"] - out["strategies"]["S+ST"]["params"] == 2 * positions + 1
 
 
 def test_every_config_parses_and_its_network_builds():

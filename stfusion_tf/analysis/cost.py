@@ -235,6 +235,19 @@ def network_costs(model) -> TemplateCosts:
                          tuple(block_costs))
 
 
+def costs_of(model) -> TemplateCosts | None:
+    """Costs of a built template's strategies: analytic for the DenseNet template's
+    config, from the layers for any other; None for a model without a config (saved
+    by an older version)."""
+    from stfusion_tf.model.template import TemplateConfig
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if isinstance(config, TemplateConfig):
+        return template_costs(config, int(model.output_shape[-1]))
+    return network_costs(model)
+
+
 def fits(row: dict, max_gmacs: float | None, max_params: float | None) -> bool:
     """Whether a ranking row (``macs``, ``params``) is within the budget."""
     if max_gmacs is not None and row["macs"] > max_gmacs * 1e9:

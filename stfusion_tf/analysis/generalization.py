@@ -1,7 +1,8 @@
-"""``--mode=generalize``: do the template's hints transfer to other backbones? (paper Table 6)
+"""``--mode=generalize``: which fusion strategy makes a backbone better? (paper Table 6)
 
-Each backbone x strategy spec (``opt``, ``S+ST``, ``S``, ``ST`` by default; see
-``fusion_rules``) is trained stand-alone with the same recipe and budget and
+Each backbone x strategy spec (``opt``, ``S+ST``, ``S``, ``ST`` by default; ``searched``
+is the Opt of a v-DropPath template of the backbone itself; see ``fusion_rules``) is
+trained stand-alone with the same recipe and budget and
 scored on the reporting split; two specs that give the same network (Opt equal
 to S+ST, as on UCF101 in the paper) share one training run.  Finished runs are appended to
 ``analysis/generalization.jsonl`` so an interrupted experiment resumes; the
@@ -18,7 +19,8 @@ from stfusion_tf import files
 from stfusion_tf.model import backbones as bb
 from stfusion_tf.model import fusion_rules
 
-LABELS = {"opt": "Opt", "paper": "Paper rule", "S+ST": "S+ST", "S": "S", "ST": "ST"}
+LABELS = {"searched": "Searched", "opt": "Transferred", "opt_depth": "Transferred (depth rule)",
+          "paper": "Paper rule", "S+ST": "S+ST", "S": "S", "ST": "ST"}
 
 
 def _label(spec: str) -> str:
@@ -26,17 +28,23 @@ def _label(spec: str) -> str:
 
 
 def plan(backbones, specs, family: str, analysis_dir: str, seeds: int = 1,
-         **overrides) -> list[dict]:
+         searched: dict | None = None, **overrides) -> list[dict]:
     """Resolves every (backbone, spec) to a strategy up front, so bad specs fail before
-    training; each is trained ``seeds`` times (training seeds 0 .. seeds-1)."""
-    runs = []
+    training; each is trained ``seeds`` times (training seeds 0 .. seeds-1).  ``searched``:
+    backbone -> the analysis directory of its own template (spec ``searched``)."""
+    from stfusion_tf.analysis import cost
+    runs, macs = [], {}
     for name in backbones:
         cfg = bb.preset(name, **overrides)
         for spec in specs:
-            st = fusion_rules.resolve(spec, cfg, family, analysis_dir)
+            source = (searched or {}).get(name) if spec == "searched" else analysis_dir
+            st = fusion_rules.resolve(spec, cfg, family, source)
+            if (name, st.key()) not in macs:
+                macs[name, st.key()] = cost.model_macs(bb.build_backbone(cfg, st, 2))
             for seed in range(seeds):
                 runs.append({"backbone": name, "spec": spec, "config": cfg, "strategy": st,
-                             "seed": seed, "key": f"{name}|{spec}|{st.key()}|{seed}"})
+                             "seed": seed, "macs": macs[name, st.key()],
+                             "key": f"{name}|{spec}|{st.key()}|{seed}"})
     return runs
 
 
@@ -53,12 +61,12 @@ def run(model_dir: str, runs: list[dict], train_fn, log=print) -> dict:
             st = r["strategy"]
             net = (r["backbone"], st.key(), r["seed"])
             if r["key"] in done:
-                results.append(done[r["key"]])
+                results.append({"macs": r["macs"], **done[r["key"]]})
                 trained.setdefault(net, done[r["key"]])
                 continue
             if net in trained:  # e.g. Opt == S+ST: the same network, trained once
                 results.append({**trained[net], "key": r["key"], "spec": r["spec"],
-                                "same_as": trained[net]["spec"]})
+                                "seed": r["seed"], "same_as": trained[net]["spec"]})
                 continue
             log(f"[generalize] {i + 1}/{len(runs)}: {r['backbone']} {_label(r['spec'])} "
                 f"{st.code()} seed {r['seed']}")
@@ -70,6 +78,7 @@ def run(model_dir: str, runs: list[dict], train_fn, log=print) -> dict:
             ev = next(iter(summary["eval"].values()))
             row = {"key": r["key"], "backbone": r["backbone"], "spec": r["spec"], "seed": r["seed"],
                    "code": st.code(), "counts": st.counts(), "params": summary["params_trainable"],
+                   "macs": r["macs"],
                    "steps": summary["steps"],
                    "init": (summary.get("init") or {}).get("init_weights", "none"),
                    "protocol": (ev.get("protocol") or {}).get("label"),
@@ -86,7 +95,8 @@ def _cell(rows: list[dict]) -> dict:
     c = np.array([r["clip_top1"] for r in rows])
     return {"video_top1": float(v.mean()), "clip_top1": float(c.mean()), "seeds": len(rows),
             "video_top1_std": float(v.std(ddof=1)) if len(rows) > 1 else None,
-            "same_as": rows[0].get("same_as")}
+            "same_as": rows[0].get("same_as"), "code": rows[0]["code"],
+            "macs": rows[0].get("macs"), "params": rows[0]["params"]}
 
 
 def write_table(out: str, results: list[dict], log=print) -> dict:
@@ -119,14 +129,15 @@ def write_table(out: str, results: list[dict], log=print) -> dict:
             same = f" = {_label(c['same_as'])}" if c["same_as"] else ""
             row.append(f"{100 * c['video_top1']:.1f}{std} ({100 * c['clip_top1']:.1f}){same}")
         lines.append(f"| {b} | " + " | ".join(row) + " |")
-    lines += ["", "| backbone | strategy | code | S / ST / S+ST units | trainable params | "
-              "initial weights |", "|---|---|---|---|---|---|"]
+    lines += ["", "| backbone | strategy | code | S / ST / S+ST / none units | GMACs per clip | "
+              "trainable params | initial weights |", "|---|---|---|---|---|---|---|"]
     for (b, spec), rows in groups.items():
         r = rows[0]
         c = r["counts"]
+        gmacs = f"{r['macs'] / 1e9:.4g}" if r.get("macs") is not None else "–"
         lines.append(f"| {b} | {_label(spec)} | `{r['code']}` | "
-                     f"{c['S']} / {c['ST']} / {c['S+ST']} | {r['params']:,} | "
-                     f"{r.get('init', 'none')} |")
+                     f"{c['S']} / {c['ST']} / {c['S+ST']} / {c.get('none', 0)} | {gmacs} | "
+                     f"{r['params']:,} | {r.get('init', 'none')} |")
     table = {"backbones": backbones, "specs": specs, "protocols": protocols, "results": results,
              "cells": [{"backbone": b, "spec": s, **c} for (b, s), c in cells.items()]}
     files.write_json(os.path.join(out, "generalization.json"), table)

@@ -157,6 +157,25 @@ def uniform_ranking(model, data_dir: str, model_dir: str, input_cfg: pipeline.In
                         cost_fn=costs.row if costs else None)
 
 
+def fidelity_scoring(model, data_dir: str, model_dir: str, input_cfg: pipeline.InputConfig,
+                     cfg: AnalysisConfig, pool: str, recalibrate: bool, jit_compile=False,
+                     log=print) -> tuple:
+    """What ``--mode=fidelity`` needs of a trained template: (the uniform pool's ranking
+    when ``pool == "uniform"``, else None; a function strategy -> BN re-calibrated
+    selection accuracy when ``recalibrate``, else None)."""
+    ranked = recalibrated = None
+    if pool == "uniform":
+        ranked = uniform_ranking(model, data_dir, model_dir, input_cfg, cfg, log=log,
+                                 jit_compile=jit_compile)
+    if recalibrate:
+        scorer = selection_scorer(model, TemplateGates(model), data_dir, input_cfg, cfg,
+                                  jit_compile, recalibrate=True)
+
+        def recalibrated(strategy):
+            return scorer.score(strategy)["video_top1"]
+    return ranked, recalibrated
+
+
 def _movement(model, model_dir: str, rates) -> dict:
     """Whether the drop rates moved, and a warning when the warm-up ended before the
     template had learned (``train_summary.json``'s ``warmup_end``)."""
@@ -173,13 +192,7 @@ def _movement(model, model_dir: str, rates) -> dict:
 def _template_costs(model) -> cost.TemplateCosts | None:
     """Costs of the template's strategies; None for a functional model saved by an older
     version (no architecture config)."""
-    from stfusion_tf.model.template import TemplateConfig
-    config = getattr(model, "config", None)
-    if config is None:
-        return None
-    if isinstance(config, TemplateConfig):
-        return cost.template_costs(config, int(model.output_shape[-1]))
-    return cost.network_costs(model)
+    return cost.costs_of(model)
 
 
 def _images(model_dir: str, out: str, pngs: dict) -> None:

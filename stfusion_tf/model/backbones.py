@@ -42,7 +42,7 @@ from stfusion_tf.model.fusion import BlockKeep, FusionUnit
 from stfusion_tf.model.gates import GateConfig
 from stfusion_tf.model.normalization import PixelNormalization
 from stfusion_tf.model.layers3d import (TEMPORAL_PADDINGS, DepthwiseConv3D, Pad3D,
-                                        pad_for_temporal_kernel, same_padding)
+                                        same_padding)
 from stfusion_tf.model.strategy import NONE, S, S_ST, ST, UNITS, FusionStrategy  # noqa: F401
 
 ARCHS = ("resnet", "mobilenetv2", "densenet")

@@ -7,11 +7,20 @@ A strategy spec (``--backbone_strategies``) is one of
   supplement §3): ``ss`` (Something-Something, motion-heavy), ``k400`` (Kinetics),
   ``ucf`` (UCF101).  DenseNet121 uses the paper's best sampled strategy of
   Fig. 4 (mapped by relative depth onto a smaller DenseNet);
-* ``opt``: from a trained template's analysis: its Opt strategy where the
-  backbone has the template's positions (DenseNet, as the paper did, or a
-  template of that very backbone) and can hold it, otherwise
-  the template's layer-level marginals mapped by relative depth and the most
-  probable unit taken at each position;
+* ``opt``: transferred from a trained template's analysis: its Opt strategy where
+  the backbone has the template's positions (DenseNet, as the paper did, or a
+  template of that very backbone) and can hold it; otherwise, per backbone
+  position, the template's positions at the same spatial scale (``scale_of``:
+  DenseNet block b and transition b, ResNet stage b+1, MobileNetV2 rows by their
+  stride) and each branch kept where its expected use there (layer-level
+  marginals, Eq. 7: P(S)+P(S+ST) for S, P(ST)+P(S+ST) for T) is at least 1/2
+  (``from_marginals_by_branch``);
+* ``opt_depth``: the rule before it, for comparison: the template's marginals
+  averaged over the span of relative depth a position covers and the most
+  probable of S, ST, S+ST taken (``from_marginals``);
+* ``searched``: the Opt of a v-DropPath template *of that backbone* (resolved by
+  ``--mode=generalize``, which trains and analyses it; ``resolve`` takes its
+  analysis directory);
 * a comma-separated list of units, one per stage (or row) or one per position;
 * the path of a FusionStrategy JSON with the backbone's positions.
 """
@@ -102,6 +111,65 @@ def from_marginals(table: np.ndarray, target_positions: Sequence[str],
     return FusionStrategy(tuple(target_positions), tuple(units))
 
 
+def scale_of(position: str) -> int | None:
+    """The spatial scale a position works at, counted from the template's first block
+    (1: stride 4 from the input, 2: stride 8, ...): DenseNet ``B<b>.L<i>`` and ``T<b>`` ->
+    b; ResNet ``C<s>.B<j>`` -> s - 1; MobileNetV2 ``M<r>.B<j>`` -> its row's stride (rows
+    1-2 -> 1, 3 -> 2, 4-5 -> 3, 6-7 -> 4).  None for other names."""
+    head = position.split(".")[0]
+    kind, digits = head[:1], head[1:]
+    if not digits.isdigit():
+        return None
+    n = int(digits)
+    if kind in ("B", "T"):
+        return n
+    if kind == "C":
+        return n - 1
+    if kind == "M":
+        return {1: 1, 2: 1, 3: 2, 4: 3, 5: 3, 6: 4, 7: 4}.get(n)
+    return None
+
+
+def _scale_spans(source_positions, target_positions) -> list[list[int]] | None:
+    """Per target position, the source indices at its spatial scale; None unless every
+    target scale has some (then the caller falls back to relative depth)."""
+    src = [scale_of(p) for p in source_positions]
+    spans = []
+    for p in target_positions:
+        k = scale_of(p)
+        span = [i for i, s in enumerate(src) if k is not None and s == k]
+        if not span:
+            return None
+        spans.append(span)
+    return spans
+
+
+def from_marginals_by_branch(table: np.ndarray, target_positions: Sequence[str],
+                             source_positions: Sequence[str]) -> FusionStrategy:
+    """``opt``'s transfer: per target position, each branch kept where its expected use over
+    the template's positions at the same spatial scale is >= 1/2 (else the more used one).
+
+    Why per branch and per scale: the most probable of three units (``from_marginals``)
+    drops a branch the template still uses at a scale as soon as another unit is more
+    probable (S 0.40, S+ST 0.35, ST 0.25 gives S though T is used 60% of the time), and
+    relative depth aligns a 4-stage ResNet with a DenseNet by position count, not by what
+    the layers see; the spatial scale is what the two networks share."""
+    table = np.asarray(table, np.float64)[:, :3]
+    spans = _scale_spans(source_positions, target_positions)
+    if spans is None:
+        n = len(source_positions)
+        spans = [list(r) for r in relative_map(len(target_positions), n)]
+    units = []
+    for span in spans:
+        rows = table[span].mean(0)
+        use_s, use_t = rows[0] + rows[2], rows[1] + rows[2]
+        keep_s, keep_t = use_s >= 0.5, use_t >= 0.5
+        if not (keep_s or keep_t):
+            keep_s, keep_t = use_s >= use_t, use_t > use_s
+        units.append(S_ST if keep_s and keep_t else (S if keep_s else ST))
+    return FusionStrategy(tuple(target_positions), tuple(units))
+
+
 def map_strategy(source: FusionStrategy, target_positions: Sequence[str]) -> FusionStrategy:
     """A strategy resampled onto other positions by relative depth (per stage if they match)."""
     units = [None] * len(target_positions)
@@ -142,8 +210,9 @@ def paper_rule(cfg, family: str) -> FusionStrategy:
     return FusionStrategy(pos, tuple(units))
 
 
-def from_template(analysis_dir: str, cfg) -> FusionStrategy:
-    """``opt``: a template's Opt (same positions) or its marginals mapped by depth."""
+def from_template(analysis_dir: str, cfg, rule: str = "branch") -> FusionStrategy:
+    """``opt``: a template's Opt (same positions) or its marginals transferred by ``rule``:
+    ``"branch"`` (``from_marginals_by_branch``) or ``"depth"`` (``from_marginals``)."""
     pos = tpl.network_positions(cfg)
     opt_path = os.path.join(analysis_dir, "opt_strategy.json")
     marg_path = os.path.join(analysis_dir, "marginals.json")
@@ -156,8 +225,11 @@ def from_template(analysis_dir: str, cfg) -> FusionStrategy:
         raise UserError(f"{marg_path} missing: run --mode=analyze on the template first")
     with open(marg_path) as f:
         rows = json.load(f)
-    return from_marginals([[r["S"], r["ST"], r["S+ST"]] for r in rows], pos,
-                          [r["position"] for r in rows])
+    table = [[r["S"], r["ST"], r["S+ST"]] for r in rows]
+    source = [r["position"] for r in rows]
+    if rule == "depth":
+        return from_marginals(table, pos, source)
+    return from_marginals_by_branch(table, pos, source)
 
 
 def resolve(spec: str, cfg, family: str = "ss",
@@ -169,10 +241,10 @@ def resolve(spec: str, cfg, family: str = "ss",
         return FusionStrategy.uniform(pos, spec)
     if spec == "paper":
         return paper_rule(cfg, family)
-    if spec == "opt":
+    if spec in ("opt", "opt_depth", "searched"):
         if not analysis_dir:
-            raise UserError("spec 'opt' needs the template's analysis directory")
-        return from_template(analysis_dir, cfg)
+            raise UserError(f"spec {spec!r} needs a template's analysis directory")
+        return from_template(analysis_dir, cfg, "depth" if spec == "opt_depth" else "branch")
     if os.path.exists(spec):
         st = FusionStrategy.load(spec)
         try:
@@ -183,7 +255,8 @@ def resolve(spec: str, cfg, family: str = "ss",
     units = [u.strip() for u in spec.split(",")]
     bad = [u for u in units if u not in UNITS]
     if bad:
-        raise UserError(f"strategy spec {spec!r}: valid specs are S, ST, S+ST, paper, opt, a "
+        raise UserError(f"strategy spec {spec!r}: valid specs are S, ST, S+ST, paper, opt, "
+                         "opt_depth, searched, a "
                          "FusionStrategy JSON path or a comma-separated unit list (units S, ST, "
                          "S+ST, none: a residual block's shortcut alone)")
     stages = list(dict.fromkeys(bb.stage_of(p) for p in pos))

@@ -23,17 +23,6 @@ def _pair(p):
     return (int(p), int(p)) if isinstance(p, int) else (int(p[0]), int(p[1]))
 
 
-def pad_for_temporal_kernel(x, kt: int, temporal: str, name: str):
-    """Input and Conv3D ``padding`` for a (kt, 1, 1) kernel under ``temporal`` padding.
-
-    Zeros: the conv's own ``"same"`` (it pads time only, symmetrically, and adds no
-    op); replicate: edge frames padded here and a ``"valid"`` conv.
-    """
-    if kt > 1 and temporal == "replicate":
-        return Pad3D(time=kt // 2, temporal=temporal, name=name)(x), "valid"
-    return x, "same"
-
-
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
     """TF ``"same"`` padding (before, after) of one dimension."""
     out = -(-size // stride)

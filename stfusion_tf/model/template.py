@@ -38,7 +38,7 @@ from stfusion_tf.model.fusion import FusionUnit
 from stfusion_tf.model.gates import (GateConfig, VariationalDropPath, gate_layers,  # noqa: F401
                                      set_inference_mode)
 from stfusion_tf.model.normalization import PixelNormalization
-from stfusion_tf.model.layers3d import TEMPORAL_PADDINGS, Pad3D, pad_for_temporal_kernel
+from stfusion_tf.model.layers3d import TEMPORAL_PADDINGS, Pad3D
 from stfusion_tf.model.strategy import FusionStrategy
 
 
@@ -390,8 +390,8 @@ class TemplateGates:
                  if isinstance(u, FusionUnit) and u.gates}
         if positions is None:
             positions = getattr(model, "positions", None)
-        if positions is None and units:  # a user's network: its fusion units' keys
-            positions = list(units)
+        if positions is None and units:  # a functional copy, or a user's own network
+            positions = [_position_from_key(k) for k in units]
         if positions is None:  # a functional model saved before the Template class
             positions = [_position_from_key(n[: -len("_s_gate")])
                          for n in by_name if n.endswith("_s_gate")]
@@ -440,7 +440,12 @@ class TemplateGates:
 
 
 def _position_from_key(key: str) -> str:
-    if key.startswith("b"):
-        b, l = key.split("_")
-        return f"B{b[1:]}.L{l[1:]}"
-    return key.upper()
+    """Inverse of ``_key`` for this package's positions (``b1_l2`` -> ``B1.L2``, ``t1`` ->
+    ``T1``, ``c2_b1`` -> ``C2.B1``); any other key (a user's unit) is its own position."""
+    import re
+    if re.fullmatch(r"[bcm]\d+_[lb]\d+", key):
+        head, tail = key.split("_")
+        return f"{head.upper()}.{tail.upper()}"
+    if re.fullmatch(r"t\d+", key):
+        return key.upper()
+    return key
