@@ -17,7 +17,7 @@ FLAGS = cli.FLAGS
 
 
 def _train(model_fn, run_dir, data_dir, train_cfg, eval_split, model_file="template.keras",
-           init_fn=None):
+           init_fn=None, quiet=False):
     """Builds ``model_fn(num_classes, num_train, synchronized_bn)`` in the distribution's
     scope and trains it in ``run_dir`` (``init_fn``: initial weights of a fresh run)."""
     from stfusion_tf import distribution as dist_lib
@@ -29,7 +29,9 @@ def _train(model_fn, run_dir, data_dir, train_cfg, eval_split, model_file="templ
         model = model_fn(manifest["num_classes"], records.split_size(manifest, "train"),
                          distribution.num_replicas_in_sync > 1)
     return training.train(model, run_dir, data_dir, cli.input_config(), train_cfg, distribution,
-                          eval_split=eval_split, verbose=FLAGS.progress, log=logging.info,
+                          eval_split=eval_split,
+                          verbose=0 if quiet and not FLAGS.verbose else FLAGS.progress,
+                          log=logging.info,
                           data_service=FLAGS.data_service, model_file=model_file,
                           init_fn=init_fn, compute=cli.compute_config())
 
@@ -189,7 +191,7 @@ def _searched(name, data_dir, model_dir) -> str:
     def model_fn(num_classes, num_train, sync):
         return tpl.build_template(config, num_classes, cli.gate_config(num_train),
                                   synchronized_bn=sync)
-    _train(model_fn, run_dir, data_dir, cli.train_config(), FLAGS.selection_split)
+    _train(model_fn, run_dir, data_dir, cli.train_config(), FLAGS.selection_split, quiet=True)
     try:
         model = saved_template.load_template(run_dir)
     except saved_template.DamagedModelFile as e:
@@ -229,7 +231,8 @@ def run_generalize(data_dir, model_dir):
         def model_fn(num_classes, num_train, sync):
             return backbones.build_backbone(cfg, strategy, num_classes, synchronized_bn=sync)
         return _train(model_fn, run_dir, data_dir, dataclasses.replace(base, seed=base.seed + seed),
-                      FLAGS.report_split, model_file="model.keras", init_fn=_backbone_init(cfg))
+                      FLAGS.report_split, model_file="model.keras", init_fn=_backbone_init(cfg),
+                      quiet=True)
 
     table = generalization.run(model_dir, runs, train_one, log=print)
     print(f"[generalize] {model_dir}/analysis/generalization.md: {len(table['results'])} networks")

@@ -66,6 +66,7 @@ def search(model, dataset, num_samples: int = 50, seed: int = 0) -> SearchResult
         if st.key() not in seen:
             seen[st.key()] = scorer.score(st)
         rows.append({"index": i, "key": st.key(), "code": st.code(), "units": list(st.units),
+                     "log_prob": ranking.log_prob(gates.drop_rates(), st.to_mask()),
                      **seen[st.key()]})
     rows.sort(key=ranking.order)
     opt = FusionStrategy(gates.positions, tuple(rows[0]["units"]))

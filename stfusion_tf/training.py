@@ -191,7 +191,8 @@ def _fit(model, distribution, train_ds, epochs, start_epoch, steps, global_batch
         h = dist_lib.fit_multi_worker(model, distribution, train_ds, epochs, start_epoch,
                                       steps, global_batch, callbacks, verbose)
     else:
-        h = model.fit(train_ds, epochs=epochs, initial_epoch=start_epoch,
+        # The pipeline shuffles; shuffle=False only tells Keras so (it warns otherwise).
+        h = model.fit(train_ds, epochs=epochs, initial_epoch=start_epoch, shuffle=False,
                       steps_per_epoch=steps, callbacks=callbacks, verbose=verbose).history
     return {k: [float(v) for v in vals] for k, vals in h.items()}
 

@@ -115,6 +115,18 @@ def test_specs_per_stage_per_position_json_and_errors(tmp_path):
         R.resolve("spatial", cfg)
 
 
+def test_transfer_by_branch_keeps_a_branch_the_template_uses_at_that_scale():
+    """S 0.40, ST 0.25, S+ST 0.35 everywhere: the most probable unit is S, but T is used 60%
+    of the time: the per-branch rule keeps both; a branch used < 1/2 is dropped."""
+    src = ("B1.L1", "T1", "B2.L1", "T2", "B3.L1", "T3", "B4.L1")
+    table = np.array([[0.40, 0.25, 0.35]] * 4 + [[0.7, 0.1, 0.1]] * 3)
+    target = B.positions(B.preset("resnet_tiny"))
+    assert R.from_marginals(table, target, src).code() == "S|S|S|S"
+    assert R.from_marginals_by_branch(table, target, src).code() == "F|F|S|S"
+    assert [R.scale_of(p) for p in ("B2.L3", "T2", "C3.B1", "M3.B2", "M5.B1", "x")] == \
+        [2, 2, 2, 2, 3, None]
+
+
 def test_opt_from_a_template_analysis(tmp_path):
     tiny = T.template_positions(T.preset("tiny"))
     # Marginals: S+ST in the lower half, ST in the upper half.
@@ -125,10 +137,17 @@ def test_opt_from_a_template_analysis(tmp_path):
     opt.save(str(tmp_path / "opt_strategy.json"))
     # Same positions as the template (DenseNet): the Opt strategy itself, as in the paper.
     assert R.resolve("opt", B.preset("densenet_tiny"), analysis_dir=str(tmp_path)) == opt
-    # Other backbones: the marginals by relative depth.
+    # Other backbones, the earlier rule (opt_depth): the most probable unit by relative depth.
+    assert R.resolve("opt_depth", B.preset("resnet_tiny"), analysis_dir=str(tmp_path)).code() \
+        == "F|F|T|T"
+    assert R.resolve("opt_depth", B.preset("mobilenetv2"), analysis_dir=str(tmp_path)).code() == \
+        "F|FF|FFF|FTTT|TTT|TTT|T"
+    # opt: per branch over the template's positions at the same spatial scale.  MobileNetV2's
+    # row 4 works at the scale of dense block 3 (all upper half: T only), not at the relative
+    # depth that straddles the halves.
     assert R.resolve("opt", B.preset("resnet_tiny"), analysis_dir=str(tmp_path)).code() == "F|F|T|T"
     assert R.resolve("opt", B.preset("mobilenetv2"), analysis_dir=str(tmp_path)).code() == \
-        "F|FF|FFF|FTTT|TTT|TTT|T"
+        "F|FF|FFF|TTTT|TTT|TTT|T"
     with pytest.raises(UserError, match="analyze"):
         R.resolve("opt", B.preset("resnet_tiny"), analysis_dir=str(tmp_path / "nothing"))
 

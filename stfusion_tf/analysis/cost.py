@@ -270,8 +270,8 @@ def pareto_front(points) -> list[int]:
 
 
 def best_within(rows: list[dict], max_macs: float) -> dict | None:
-    """The best row (the ranking's order: video top-1, clip top-1, fewer MACs, index) whose
-    MACs are at most ``max_macs``."""
+    """The best row whose MACs are at most ``max_macs``: video top-1, clip top-1, then (a
+    cost question) fewer MACs, then the sample index."""
     within = [r for r in rows if r["macs"] <= max_macs]
     if not within:
         return None

@@ -68,8 +68,6 @@ def run(model_dir: str, runs: list[dict], train_fn, log=print) -> dict:
                 results.append({**trained[net], "key": r["key"], "spec": r["spec"],
                                 "seed": r["seed"], "same_as": trained[net]["spec"]})
                 continue
-            log(f"[generalize] {i + 1}/{len(runs)}: {r['backbone']} {_label(r['spec'])} "
-                f"{st.code()} seed {r['seed']}")
             run_dir = os.path.join(model_dir, "generalize", r["backbone"],
                                    r["spec"].replace("+", "_plus_").replace(os.sep, "_"))
             if r["seed"]:
@@ -86,6 +84,8 @@ def run(model_dir: str, runs: list[dict], train_fn, log=print) -> dict:
             f.append(row)
             results.append(row)
             trained[net] = row
+            log(f"[generalize] {i + 1}/{len(runs)}: {r['backbone']} {_label(r['spec'])} "
+                f"{st.code()} seed {r['seed']}: video top-1 {100 * row['video_top1']:.1f}")
     return write_table(out, results, log)
 
 

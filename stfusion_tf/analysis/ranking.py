@@ -200,9 +200,10 @@ def rank(scorer: StrategyScorer, positions, drop_rates, num: int, seed: int,
     fp = _fingerprint(drop_rates, seed, num, scorer.protocol, required)
     rows, torn = files.read_jsonl(jsonl_path)  # a torn line's strategy is scored again
     done = {row["index"]: row for row in rows if row.get("fingerprint") == fp}
-    costless = [r for r in done.values() if cost_fn and "macs" not in r]
+    costless = [r for r in done.values() if (cost_fn and "macs" not in r) or "log_prob" not in r]
     for row in costless:
-        row.update(cost_fn(FusionStrategy(tuple(positions), tuple(row["units"]))))
+        st = FusionStrategy(tuple(positions), tuple(row["units"]))
+        row.update(cost_fn(st) if cost_fn else {}, log_prob=log_prob(drop_rates, st.to_mask()))
     if torn or len(done) < len(rows) or costless:
         # Stale rows from other drop rates/seed, a torn line or rows without costs: rewrite.
         files.rewrite_jsonl(jsonl_path, done.values())
@@ -223,6 +224,7 @@ def rank(scorer: StrategyScorer, positions, drop_rates, num: int, seed: int,
                     score["protocol"] = score["protocol"]["label"]
                 row = {"index": i, "key": key, "code": st.code(), "units": list(st.units),
                        "counts": st.counts(), "fingerprint": fp,
+                       "log_prob": log_prob(drop_rates, st.to_mask()),
                        **(cost_fn(st) if cost_fn else {}), **score}
                 by_key[key] = row
             f.append(row)
@@ -234,5 +236,21 @@ def rank(scorer: StrategyScorer, positions, drop_rates, num: int, seed: int,
 
 
 def order(row: dict) -> tuple:
-    """Best first: video top-1, then clip top-1, then (ties) fewer MACs, then sample index."""
-    return (-row["video_top1"], -row["clip_top1"], row.get("macs", 0), row["index"])
+    """Best first: video top-1, then clip top-1; among ties the strategy the learned drop
+    rates make most probable (``log_prob``), then fewer MACs, then the sample index.
+
+    Why probability before cost: on a small selection split several samples tie, and the
+    cheapest of them is the one that drops a branch the template learned to keep (it
+    lost nothing *with inherited weights*).  Measured on the demo's resnet_tiny template:
+    S|F|T|S and F|F|T|S tied at 99.2 on val; trained stand-alone (3 seeds) the cheaper
+    S|F|T|S reached 70.6 +- 19.3, the more probable F|F|T|S 88.3 +- 2.7 (S+ST 89.1 +- 0.8).
+    Budgets (``--max_gmacs``) still choose by cost."""
+    return (-row["video_top1"], -row["clip_top1"], -row.get("log_prob", 0.0),
+            row.get("macs", 0), row["index"])
+
+
+def log_prob(drop_rates, mask) -> float:
+    """log P(strategy) under the gates' independent Bernoulli draws (keep = 1 - p)."""
+    p = np.clip(np.asarray(drop_rates, np.float64), 1e-12, 1 - 1e-12)
+    m = np.asarray(mask, np.float64)
+    return float(np.sum(m * np.log1p(-p) + (1 - m) * np.log(p)))
