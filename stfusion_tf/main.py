@@ -35,7 +35,7 @@ def run_prepare(data_dir):
         if FLAGS.dataset not in cli.SYNTHETIC:
             return convert.prepare(FLAGS.dataset, FLAGS.source_dir, data_dir,
                                    **cli.convert_settings())
-        manifest = synthetic.prepare_synthetic(data_dir, cli.synthetic_spec(), log=logging.info)
+        manifest = synthetic.prepare_synthetic(data_dir, cli.synthetic_spec(), log=modes.say)
     counts = {k: v["num_clips"] for k, v in manifest["splits"].items()}
     print(f"[prepare] {data_dir}: {counts} clips, {manifest['num_skipped']} skipped, "
           f"{time.time() - t0:.1f}s")

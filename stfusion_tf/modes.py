@@ -16,6 +16,16 @@ from stfusion_tf.errors import UserError
 FLAGS = cli.FLAGS
 
 
+def say(message: str) -> None:
+    """The library's ``log``: a ``[step] ...`` line (a damaged checkpoint, unreadable
+    videos, an overridden flag) always reaches the console (stderr); anything else is an
+    INFO line, shown with --verbose."""
+    if message.startswith("["):
+        print(message, file=sys.stderr, flush=True)
+    else:
+        logging.info(message)
+
+
 def _train(model_fn, run_dir, data_dir, train_cfg, eval_split, model_file="template.keras",
            init_fn=None, quiet=False):
     """Builds ``model_fn(num_classes, num_train, synchronized_bn)`` in the distribution's
@@ -31,7 +41,7 @@ def _train(model_fn, run_dir, data_dir, train_cfg, eval_split, model_file="templ
     return training.train(model, run_dir, data_dir, cli.input_config(), train_cfg, distribution,
                           eval_split=eval_split,
                           verbose=0 if quiet and not FLAGS.verbose else FLAGS.progress,
-                          log=logging.info,
+                          log=say,
                           data_service=FLAGS.data_service, model_file=model_file,
                           init_fn=init_fn, compute=cli.compute_config())
 
@@ -94,7 +104,7 @@ def run_analyze(data_dir, model_dir):
     from stfusion_tf.analysis import report
     model = _load_template(data_dir, model_dir)
     result = report.analyze(model, data_dir, model_dir, cli.input_config(), cli.analysis_config(),
-                            log=logging.info, jit_compile=FLAGS.jit_compile)
+                            log=say, jit_compile=FLAGS.jit_compile)
     comp = ", ".join(f"{k} {100 * v['video_top1']:.1f}" for k, v in result["comparison"].items())
     moved = result["drop_rate_movement"]
     print(f"[analyze] {model_dir}/analysis/report.md; drop rates moved: {moved['moved']}/"
@@ -123,7 +133,7 @@ def run_fidelity(data_dir, model_dir):
         ranked, recalibrated = report.fidelity_scoring(
             _load_template(data_dir, model_dir), data_dir, model_dir, cli.input_config(),
             cli.analysis_config(), FLAGS.fidelity_pool, FLAGS.recalibrate_batches > 0,
-            FLAGS.jit_compile, log=logging.info)
+            FLAGS.jit_compile, log=say)
     rep = fidelity.run(model_dir, positions, FLAGS.fidelity_strategies, train_one,
                        pool=FLAGS.fidelity_pool, ranked=ranked, recalibrated_fn=recalibrated)
     line = (f"[fidelity] {model_dir}/analysis/{fidelity.report_name(FLAGS.fidelity_pool)}.md "
@@ -198,7 +208,7 @@ def _searched(name, data_dir, model_dir) -> str:
         model = saved_template.rebuild_from_checkpoint(model_fn(*_sizes(data_dir), False),
                                                        run_dir, str(e), log=print)
     result = report.analyze(model, data_dir, run_dir, cli.input_config(), cli.analysis_config(),
-                            log=logging.info, jit_compile=FLAGS.jit_compile)
+                            log=say, jit_compile=FLAGS.jit_compile)
     print(f"[generalize] searched {name}: Opt {result['opt']['code']}", flush=True)
     return os.path.dirname(opt)
 
