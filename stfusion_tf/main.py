@@ -96,8 +96,8 @@ def run(mode: str) -> None:
     if mode in ("train", "all"):  # no dataset: stop before a model directory is made
         from stfusion_tf.data import records
         records.read_manifest(data_dir)
+    cli.check_preset(model_dir)  # before the lock: a refused run leaves nothing behind
     with lock.for_model_dir(mode, model_dir, FLAGS.distribution, os.environ.get("TF_CONFIG")):
-        cli.check_preset(model_dir)
         if mode in ("analyze", "export", "generalize", "fidelity") and \
                 cli.apply_record(model_dir, log=print) is not None:
             cli.check()

@@ -124,3 +124,20 @@ def test_backbone_initialisers_follow_the_template_s_init_weights(tmp_path):
     init = I.backbone_init(B.preset("resnext_tiny"), None, "imagenet", log=logs.append)
     assert init(None) == {"init_weights": "none", "reason": logs[0].split(": ", 1)[1]}
     assert "no 2D ResNeXt" in logs[0]
+
+
+def test_a_backbone_template_inflates_from_its_2d_twin(tmp_path):
+    """--init_weights for --preset=mobilenetv2: keras.applications.MobileNetV2's weights go
+    into the gated backbone, each fusion unit's 1x1 split between its two branches."""
+    import keras
+    model2d = keras.applications.MobileNetV2(weights=None, input_shape=(32, 32, 3))
+    path = str(tmp_path / "m2d.keras")
+    model2d.save(path)
+    template = T.build_template(T.preset("mobilenetv2", num_frames=2, crop_size=32), 7)
+    report = I.initialize_template(template, path)
+    assert report["copied"] > 100 and report["skipped"] == ["predictions (1000 classes in 2D, 7 in 3D)"]
+    layers = T.layers_by_name(template)
+    k2 = np.asarray(model2d.get_layer("block_1_expand").kernel)
+    np.testing.assert_allclose(layers["block_1_expand_s"].kernel.numpy()[0], k2 / 2, rtol=1e-6)
+    np.testing.assert_allclose(layers["block_1_expand_t"].kernel.numpy(),
+                               np.repeat(k2[None], 3, 0) / 6, rtol=1e-6)

@@ -122,3 +122,16 @@ def test_every_test_file_is_listed_once_in_tests_bzl():
     here = sorted(f for f in os.listdir(os.path.dirname(__file__))
                   if f.startswith("test_") and f.endswith(".py"))
     assert sorted(listed) == here and len(set(listed)) == len(listed)
+
+
+def test_another_preset_against_a_run_is_refused_and_nothing_is_touched(tmp_path):
+    from stfusion_tf import run_record
+    run = tmp_path / "run"
+    run.mkdir()
+    run_record.write(str(run), {"preset": "tiny"}, {})
+    before = (run / "run.json").read_text()
+    r = _run("--mode=analyze", f"--model_dir={run}", "--preset=resnet_tiny")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "holds a template of --preset=tiny; --preset=resnet_tiny is another network" in r.stderr
+    assert (run / "run.json").read_text() == before and sorted(p.name for p in run.iterdir()) == [
+        "run.json"]
