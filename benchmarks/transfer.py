@@ -131,8 +131,9 @@ def collect(bench) -> dict:
                 continue
             for c in _read(path)["cells"]:
                 cell = out.setdefault(task, {}).setdefault(c["backbone"], {}).setdefault(
-                    c["spec"], {"seeds": [], "codes": [], "macs": []})
+                    c["spec"], {"seeds": [], "codes": [], "macs": [], "train_std": []})
                 cell["seeds"].append(c["video_top1"])
+                cell["train_std"].append(c.get("video_top1_std") or 0.0)
                 cell["codes"].append(c.get("code"))
                 cell["macs"].append(c.get("macs"))
     for task in out.values():
@@ -140,7 +141,9 @@ def collect(bench) -> dict:
             for c in cells.values():
                 v = np.array(c["seeds"], float)
                 c["mean"] = float(v.mean())
-                c["std"] = float(v.std(ddof=1)) if len(v) > 1 else 0.0
+                # One template seed: the spread over its stand-alone training seeds instead.
+                c["std"] = float(v.std(ddof=1)) if len(v) > 1 else float(c["train_std"][0])
+                c["std_over"] = "template seeds" if len(v) > 1 else "training seeds"
                 macs = [m for m in c["macs"] if m is not None]
                 c["mean_macs"] = float(np.mean(macs)) if macs else None
     return out
@@ -217,7 +220,8 @@ def fidelity_rows(bench) -> list[dict]:
 def markdown(cells, checks, fidelity, seconds) -> str:
     lines = ["# Searched, transferred and uniform strategies on the backbones (Table 6)", "",
              f"Video top-1 % ({PROTOCOL}), mean +- std over template seeds (each cell the mean "
-             "of its stand-alone training seeds); GMACs per clip in brackets.", ""]
+             "of its stand-alone training seeds; with one template seed, the std over its "
+             "training seeds); GMACs per clip in brackets.", ""]
     for task, backbones in cells.items():
         lines += [f"## {task}", "", "| backbone | " + " | ".join(SPECS) + " |",
                   "|---|" + "---|" * len(SPECS)]
@@ -244,10 +248,14 @@ def markdown(cells, checks, fidelity, seconds) -> str:
         lines += ["", "## Fidelity of the resnet_tiny search (motion, uniform pool)", "",
                   "| seed | strategies | Kendall tau | with BN re-calibration |", "|---|---|---|---|"]
         for r in fidelity:
-            lines.append(f"| {r['seed']} | {r['num_strategies']} | {r['kendall_tau']} | "
-                         f"{r['recalibrated_tau']} |")
+            lines.append(f"| {r['seed']} | {r['num_strategies']} | {_num(r['kendall_tau'])} | "
+                         f"{_num(r['recalibrated_tau'])} |")
     lines += ["", f"Running time of this invocation: {seconds / 60:.1f} min."]
     return "\n".join(lines) + "\n"
+
+
+def _num(x) -> str:
+    return "–" if x is None else f"{x:.3f}"
 
 
 def chart(cells) -> bytes | None:
