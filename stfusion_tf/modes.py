@@ -176,7 +176,8 @@ def _backbone_init(cfg):
 def _searched(name, data_dir, model_dir) -> str:
     """The analysis directory of backbone ``name``'s own v-DropPath template: from
     --searched_runs, else trained and analysed under <model_dir>/searched/<name> with this
-    run's recipe, data and seed (reused when complete; re-trained when damaged)."""
+    run's recipe, data and seed (reused when complete; re-trained when damaged).  It starts
+    from scratch even under --init_weights (the stand-alone networks are inflated)."""
     from stfusion_tf import saved_template
     from stfusion_tf.analysis import report
     from stfusion_tf.model import backbones
@@ -227,14 +228,19 @@ def run_generalize(data_dir, model_dir):
         raise UserError("--mode=generalize needs --backbones; valid backbones: "
                         f"{', '.join(backbones.PRESETS)}")
     family = fusion_rules.family(FLAGS.dataset, FLAGS.fusion_family)
+
+    def plan(specs, searched=None):
+        try:
+            return generalization.plan(FLAGS.backbones, specs, family,
+                                       os.path.join(model_dir, "analysis"), FLAGS.generalize_seeds,
+                                       searched=searched, **cli.backbone_overrides())
+        except UserError as e:
+            raise UserError(f"--backbone_strategies: {e}") from None
+    # Every other spec is checked before the searched templates take their training time.
+    plan([s for s in FLAGS.backbone_strategies if s != "searched"])
     searched = {name: _searched(name, data_dir, model_dir) for name in FLAGS.backbones
                 if "searched" in FLAGS.backbone_strategies}
-    try:
-        runs = generalization.plan(FLAGS.backbones, FLAGS.backbone_strategies, family,
-                                   os.path.join(model_dir, "analysis"), FLAGS.generalize_seeds,
-                                   searched=searched, **cli.backbone_overrides())
-    except UserError as e:
-        raise UserError(f"--backbone_strategies: {e}") from None
+    runs = plan(FLAGS.backbone_strategies, searched)
     base = training.standalone(cli.train_config(), FLAGS.generalize_epochs or FLAGS.epochs)
 
     def train_one(cfg, strategy, run_dir, seed):

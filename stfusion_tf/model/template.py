@@ -397,10 +397,8 @@ class TemplateGates:
                          for n in by_name if n.endswith("_s_gate")]
         self.positions = tuple(positions)
         try:
-            self.s = [by_name[_gate_names(p)[0] if _key(p) in units else f"{p}_s_gate"]
-                      for p in self.positions]
-            self.t = [by_name[_gate_names(p)[1] if _key(p) in units else f"{p}_t_gate"]
-                      for p in self.positions]
+            self.s = [by_name[_gate_name(p, 0, by_name)] for p in self.positions]
+            self.t = [by_name[_gate_name(p, 1, by_name)] for p in self.positions]
         except KeyError as e:
             raise ValueError(f"model has no gate {e.args[0]!r}; is it a template?") from None
         self.head = by_name.get("head_gate")
@@ -437,6 +435,13 @@ class TemplateGates:
         """``strategy``'s masks in training too: the template trains as that sub-network."""
         self.set_strategy(strategy)
         set_inference_mode(self.s + self.t, "mask")
+
+
+def _gate_name(position: str, branch: int, by_name: dict) -> str:
+    """The S (0) or T (1) gate's name: ``<key>_s_gate`` of this package's positions, else
+    ``<position>_s_gate`` (a user's unit key with capitals)."""
+    name = _gate_names(position)[branch]
+    return name if name in by_name else f"{position}_{'st'[branch]}_gate"
 
 
 def _position_from_key(key: str) -> str:
