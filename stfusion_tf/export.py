@@ -51,7 +51,7 @@ from stfusion_tf import files
 from stfusion_tf.errors import UserError
 from stfusion_tf.model import gates as gates_lib
 from stfusion_tf.model.backbones import input_geometry
-from stfusion_tf.model.strategy import NONE, UNITS, FusionStrategy
+from stfusion_tf.model.strategy import UNITS, FusionStrategy
 from stfusion_tf.model.template import Template, TemplateGates, strategy_network
 
 # keep_S + 2 * keep_T -> unit code (none, S, ST, S+ST).
@@ -183,8 +183,7 @@ def classifier_network(model, strategy: FusionStrategy):
     only on residual blocks (elsewhere no gate-free network can hold it);
     otherwise the template with the strategy's masks baked in.  Both give the
     same outputs; the first without the dropped branches' weights and FLOPs."""
-    if isinstance(model, Template) and all(
-            u != NONE or p in model.none_positions for p, u in zip(strategy.positions, strategy.units)):
+    if isinstance(model, Template) and strategy.buildable(model.positions, model.none_positions):
         return strategy_network(model, strategy)
     return strategy_classifier(model, strategy)
 

@@ -295,8 +295,6 @@ def _mobilenetv2(b: _Builder, x, position_names):
     x = relu6("Conv1_relu")(b.bn(x, "bn_Conv1"))
     for block_id, blk in enumerate(_mobilenet_blocks(cfg)):
         prefix = blk.prefix
-        if blk.stride == 2:
-            size_out = -(-size // 2)
         if b.dropped(blk.position):  # only at residual blocks: the identity
             continue
         y, keep = x, None
@@ -308,7 +306,7 @@ def _mobilenetv2(b: _Builder, x, position_names):
             pad = (0, 1) if size % 2 == 0 else (1, 1)
             y = Pad3D(0, pad, pad, name=f"{prefix}pad")(y)
             y = DepthwiseConv3D(3, 2, "valid", name=f"{prefix}depthwise")(y)
-            size = size_out
+            size = -(-size // 2)
         else:
             y = DepthwiseConv3D(3, 1, "same", name=f"{prefix}depthwise")(y)
         y = relu6(f"{prefix}depthwise_relu")(b.bn(y, f"{prefix}depthwise_BN"))

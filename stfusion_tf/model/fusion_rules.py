@@ -218,8 +218,7 @@ def from_template(analysis_dir: str, cfg, rule: str = "branch") -> FusionStrateg
     marg_path = os.path.join(analysis_dir, "marginals.json")
     if os.path.exists(opt_path):
         opt = FusionStrategy.load(opt_path)
-        if tuple(opt.positions) == pos and all(u != "none" or p in tpl.none_positions(cfg)
-                                               for p, u in zip(opt.positions, opt.units)):
+        if opt.buildable(pos, tpl.none_positions(cfg)):
             return opt
     if not os.path.exists(marg_path):
         raise UserError(f"{marg_path} missing: run --mode=analyze on the template first")

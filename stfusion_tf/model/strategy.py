@@ -152,6 +152,14 @@ class FusionStrategy:
         c = collections.Counter(self.units)
         return {u: c.get(u, 0) for u in UNITS}
 
+    def buildable(self, positions: Sequence[str], none_positions=frozenset()) -> bool:
+        """Whether ``check_buildable`` would pass."""
+        try:
+            self.check_buildable(positions, "network", none_positions)
+        except UserError:
+            return False
+        return True
+
     def check_buildable(self, positions: Sequence[str], network: str,
                         none_positions=frozenset()) -> None:
         """Raises a ``UserError`` unless a network without gates (``network`` names it
