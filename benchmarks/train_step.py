@@ -6,9 +6,11 @@ the process' peak resident memory (``ru_maxrss``, what ``/usr/bin/time -v`` show
 and TensorFlow's CPU allocator peak (``tf.config.experimental.get_memory_info``:
 weights, optimizer state, gradients and activations, without the interpreter and
 libraries).  Activation memory = allocator peak - allocator in use between steps.
-The step is ``model.train_on_batch`` (``model.compile`` with SGD momentum 0.9,
-v-DropPath gates on for the template).  FLOPs = 3 x forward (2 x MACs of every
-Conv3D/depthwise/Dense), so "GFLOP/s" is the training step's arithmetic rate.
+The step is Keras' ``train_step`` in a ``tf.function``, as ``fit`` runs it (``model.compile``
+with the project's SGD, momentum 0.9; v-DropPath gates on for the template); the first step
+is reported as its trace and its first call (graph optimisation + first run) apart.
+FLOPs = 3 x forward (2 x MACs of every Conv3D/depthwise/Dense), so "GFLOP/s" is the
+training step's arithmetic rate.
 Rounds alternate the variants, and the median step time over rounds is reported
 with its range.
 
@@ -158,29 +160,42 @@ def child(case: str, variant: str, args) -> dict:
     y = tf.zeros((batch,), tf.int32)
     _record_shapes(model, x)
     fwd = forward_flops(model)
-    model.compile(optimizer=keras.optimizers.SGD(0.001, momentum=0.9),
+    try:  # the optimizer training uses (older checkouts under --compare_tree: Keras')
+        from stfusion_tf.optimization import SGD
+    except ImportError:
+        SGD = keras.optimizers.SGD
+    model.compile(optimizer=SGD(0.001, momentum=0.9),
                   loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                   jit_compile=v["jit_compile"])
     # As training does (optimization.compile_model): optimizer slots created inside the
     # first trace make tf.function trace the whole step twice.
     model.optimizer.build(model.trainable_variables)
     rss_built = _rss_gb()
+    # Keras' training step (``Trainer.train_step``) in a tf.function as ``fit`` makes it, so
+    # that its trace and its first call (graph optimisation + the first run) time apart.
+    step = tf.function(model.train_step, reduce_retracing=True, jit_compile=v["jit_compile"])
     t0 = time.perf_counter()
-    model.train_on_batch(x, y)  # trace (and XLA-compile) + first step
-    first = time.perf_counter() - t0
-    model.train_on_batch(x, y)
+    step.get_concrete_function((x, y))
+    trace = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    step((x, y))  # graph optimisation (Grappler; XLA compile) + first run
+    first_call = time.perf_counter() - t0
+    step((x, y))
     steady = _tf_memory()["current"]
     tf.config.experimental.reset_memory_stats("CPU:0")
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        loss = model.train_on_batch(x, y)
+        loss = step((x, y))["loss"]
         times.append(time.perf_counter() - t0)
     mem = _tf_memory()
     sec = statistics.median(times)
     return {"case": case, "variant": variant, "input": list(shape), "batch": batch,
             "step_seconds": round(sec, 4), "clips_per_second": round(batch / sec, 3),
-            "first_step_seconds": round(first, 2),
+            "first_step_seconds": round(trace + first_call, 2),
+            "trace_seconds": round(trace, 2),
+            # The first call less a steady step: graph optimisation and first-run set-up.
+            "optimise_seconds": round(first_call - sec, 2),
             "forward_gflops_per_clip": round(fwd / 1e9, 3),
             "achieved_gflops_per_second": round(3 * fwd * batch / sec / 1e9, 2),
             "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6, 3),

@@ -22,8 +22,10 @@ authors' 5e-4 with momentum 0.9 is wd = 5e-3 here.
 from __future__ import annotations
 
 import dataclasses
+import weakref
 
 import keras
+import tensorflow as tf
 
 from stfusion_tf import losses
 from stfusion_tf.errors import UserError
@@ -173,12 +175,48 @@ def _schedule(cfg: TrainConfig, phase: Phase, base: float, steps_per_epoch: int)
         [int((e - phase.start) * steps_per_epoch) - 1 for e in phase.lr_steps], values)
 
 
+@keras.saving.register_keras_serializable(package="stfusion_tf")
+class SGD(keras.optimizers.SGD):
+    """Keras' SGD whose momentum update is one ``ResourceApplyKerasMomentum`` op per
+    variable (the same formula: m <- m * momentum - lr * g; w <- w + m, or Nesterov's
+    w <- w + m * momentum - lr * g) instead of Keras' ~10 ops: on the full template
+    ~5,000 fewer ops to trace, optimise and run each step.  Sparse gradients, no
+    momentum or another backend take Keras' own update."""
+
+    def update_step(self, gradient, variable, learning_rate):
+        if (self.momentum == 0 or isinstance(gradient, tf.IndexedSlices)
+                or keras.backend.backend() != "tensorflow"):
+            return super().update_step(gradient, variable, learning_rate)
+        m = self.momentums[self._get_variable_index(variable)]
+        m = m.value if isinstance(m, keras.Variable) else m
+        var = variable.value if isinstance(variable, keras.Variable) else variable
+        lr, momentum = self._hyper(learning_rate, var.dtype)
+        tf.raw_ops.ResourceApplyKerasMomentum(
+            var=var.handle, accum=m.handle, lr=lr, grad=tf.cast(gradient, var.dtype),
+            momentum=momentum, use_nesterov=self.nesterov)
+
+    def _hyper(self, learning_rate, dtype):
+        """(lr, momentum) as ``dtype`` tensors, made once per step and dtype in a graph
+        (Keras casts, and reads, the learning rate once per variable)."""
+        if tf.executing_eagerly():
+            return tf.cast(learning_rate, dtype), tf.cast(self.momentum, dtype)
+        graph = tf.compat.v1.get_default_graph()
+        cache = self.__dict__.get("_step_hyper")
+        # Weak keys: the cache holds the latest traced step's two tensors, no older graph.
+        if cache is None or cache[0]() is not graph or cache[1]() is not learning_rate:
+            cache = (weakref.ref(graph), weakref.ref(learning_rate), {})
+            object.__setattr__(self, "_step_hyper", cache)  # not a tracked attribute
+        if dtype not in cache[2]:
+            cache[2][dtype] = (tf.cast(learning_rate, dtype), tf.cast(self.momentum, dtype))
+        return cache[2][dtype]
+
+
 def _make(name: str, lr, momentum: float, weight_decay: float = 0.0, ema: bool = False,
           ema_momentum: float = 0.99):
     wd = weight_decay or None
     kw = {"weight_decay": wd, "use_ema": ema, "ema_momentum": ema_momentum}
     if name == "sgd":
-        opt = keras.optimizers.SGD(lr, momentum=momentum, **kw)
+        opt = SGD(lr, momentum=momentum, **kw)
     else:
         opt = keras.optimizers.Adam(lr, **kw)
     if wd:

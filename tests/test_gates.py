@@ -76,7 +76,8 @@ def test_training_gate_is_a_handful_of_ops_and_draws_tfps_relaxed_bernoulli():
     import tensorflow_probability as tfp
     g = G.VariationalDropPath(keras.layers.Conv3D(2, 1, use_bias=False), init_drop_rate=0.3,
                               temperature=0.5)
-    x = tf.ones((20000, 1, 1, 1, 1))
+    tf.random.set_seed(0)  # deterministic; 200,000 draws: quantile error ~0.005 << atol
+    x = tf.ones((200000, 1, 1, 1, 1))
     g(x)
 
     @tf.function
@@ -87,7 +88,7 @@ def test_training_gate_is_a_handful_of_ops_and_draws_tfps_relaxed_bernoulli():
     assert len(graph.get_operations()) <= 90, len(graph.get_operations())  # TFP sample(): 124
     d = 1.0 - factor(x).numpy().ravel()
     ref = tfp.distributions.RelaxedBernoulli(0.5, logits=float(g.p_logit)).sample(
-        20000, seed=5).numpy()
+        200000, seed=5).numpy()
     q = np.linspace(0.05, 0.95, 19)
     np.testing.assert_allclose(np.quantile(d, q), np.quantile(ref, q), atol=0.02)
 

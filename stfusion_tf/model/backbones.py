@@ -40,7 +40,7 @@ from stfusion_tf.model import template as tpl
 from stfusion_tf.model.dropout import PhaseDropout
 from stfusion_tf.model.fusion import BlockKeep, FusionUnit
 from stfusion_tf.model.gates import GateConfig
-from stfusion_tf.model.normalization import PixelNormalization
+from stfusion_tf.model.normalization import BatchNorm, PixelNormalization
 from stfusion_tf.model.layers3d import (TEMPORAL_PADDINGS, DepthwiseConv3D, Pad3D,
                                         same_padding)
 from stfusion_tf.model.strategy import NONE, S, S_ST, ST, UNITS, FusionStrategy  # noqa: F401
@@ -208,8 +208,7 @@ class _Builder:
         self.eps = 1e-3 if cfg.arch == "mobilenetv2" else 1.001e-5
 
     def bn(self, x, name):
-        return keras.layers.BatchNormalization(epsilon=self.eps, momentum=0.9, name=name,
-                                               synchronized=self.sync)(x)
+        return BatchNorm(epsilon=self.eps, momentum=0.9, name=name, synchronized=self.sync)(x)
 
     def conv(self, x, filters, kernel, name, strides=(1, 1, 1), groups=1, pad=(0, 0, 0),
              padding="valid"):

@@ -30,6 +30,7 @@ import tensorflow as tf
 
 from stfusion_tf.model.gates import GateConfig, VariationalDropPath
 from stfusion_tf.model.layers3d import Pad3D
+from stfusion_tf.model.normalization import BatchNorm
 from stfusion_tf.model.strategy import NONE, UNIT_TO_KEEP
 
 
@@ -83,7 +84,7 @@ class FusionUnit(keras.layers.Layer):
         for letter, kt, conv_name in (("s", 1, self.conv_names[0]), ("t", 3, self.conv_names[1])):
             if letter not in self.letters:
                 continue
-            bn = keras.layers.BatchNormalization(
+            bn = BatchNorm(
                 epsilon=self.bn_epsilon, momentum=0.9, name=f"{key}_{letter}_bn",
                 synchronized=self.synchronized_bn, dtype=self.dtype_policy) \
                 if self.preactivation else None

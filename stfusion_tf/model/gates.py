@@ -208,23 +208,24 @@ class VariationalDropPath(keras.layers.Wrapper):
             return tf.constant(n / max(self.length_scale, _EPS) ** 2)
         return tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(self.layer.kernel), tf.float32)))
 
-    def regularization(self, p=None):
-        """The variational regulariser of this gate (a scalar tensor); ``p``: the drop
-        rate if the caller already has it (one read of the logit per step)."""
-        p = self.drop_rate if p is None else p
+    def regularization(self, p=None, logit=None):
+        """The variational regulariser of this gate (a scalar tensor); ``p`` / ``logit``:
+        the drop rate and its logit if the caller already has them (one read per step)."""
+        logit = tf.convert_to_tensor(self.p_logit) if logit is None else logit
+        p = tf.sigmoid(logit) if p is None else p
         sq = self.squared_norm()
         n = float(self.dataset_size)
         k = self.length_scale
-        pc = tf.clip_by_value(p, _EPS, 1.0 - _EPS)
+        # Written in the logit l, exact and finite at any l: log p = l - softplus(l) and
+        # log(1 - p) = -softplus(l), so p log p + (1-p) log(1-p) = p l - softplus(l).
         if self.regularizer == "code":
             weight_term = (k / n) * (1.0 - p) * sq
-            entropy = pc * tf.math.log(pc) + (1.0 - pc) * tf.math.log(1.0 - pc)
+            entropy = p * logit - tf.math.softplus(logit)
         else:
-            weight_term = (k * k) * (1.0 - p) / (2.0 * n) * sq
-            entropy = pc * tf.math.log(pc)
-        if self.noise == "feature":
-            entropy = entropy * float(self._num_features)
-        return weight_term + entropy / n
+            weight_term = (k * k) / (2.0 * n) * (1.0 - p) * sq
+            entropy = p * (logit - tf.math.softplus(logit))
+        scale = (float(self._num_features) if self.noise == "feature" else 1.0) / n
+        return weight_term + entropy * scale
 
     # -- forward --------------------------------------------------------------
     def _noise_shape(self, x):
@@ -241,11 +242,12 @@ class VariationalDropPath(keras.layers.Wrapper):
         return 1.0 / (1.0 - p) if self.rescale else 1.0
 
     def _relaxed(self, shape, logit, p):
-        # TFP's sample() adds ~45 shape and seed ops per gate (x 122 gates in the full
-        # template's graph); the same sample from one uniform draw costs a handful.
-        dist = StableRelaxedBernoulli(self.temperature, logits=logit)
-        u = tf.random.uniform(shape, minval=_TINY, maxval=1.0)
-        return (1.0 - dist.sample_from_uniform(u)) * self._keep_scale(p)
+        # 1 - d for d ~ RelaxedBernoulli(temperature, logits) drawn from one uniform u, as
+        # StableRelaxedBernoulli.sample_from_uniform (1 - sigmoid(z) = sigmoid(-z)): TFP's
+        # sample() adds ~45 shape and seed ops per gate (x 122 gates in the full template).
+        u = tf.maximum(tf.random.uniform(shape), _TINY)
+        keep = tf.sigmoid((tf.math.log1p(-u) - tf.math.log(u) - logit) * (1.0 / self.temperature))
+        return keep / (1.0 - p) if self.rescale else keep
 
     def _hard(self, shape, p):
         keep = tf.cast(tf.random.uniform(shape) >= p, tf.float32)
@@ -278,7 +280,7 @@ class VariationalDropPath(keras.layers.Wrapper):
             fixed = tf.equal(mode, 1)
             factor = tf.where(fixed, mask, tf.where(enabled, self._relaxed(shape, logit, p), 1.0))
             variational = tf.logical_and(enabled, tf.logical_not(fixed))
-            return factor, tf.where(variational, self.regularization(p), 0.0)
+            return factor, tf.where(variational, self.regularization(p, logit), 0.0)
         ones = tf.ones(shape)
         chosen = [tf.where(enabled, ones * self._expected(p), ones), mask,
                   tf.where(enabled, self._hard(shape, p), ones), ones]

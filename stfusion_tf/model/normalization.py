@@ -42,3 +42,55 @@ class PixelNormalization(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "mean": self.mean, "stddev": self.stddev}
+
+
+@keras.saving.register_keras_serializable(package="stfusion_tf")
+class BatchNorm(keras.layers.BatchNormalization):
+    """Keras ``BatchNormalization`` computed by one ``FusedBatchNormV3`` op.
+
+    Same weights, config and statistics as Keras' layer: the moving variance takes
+    the biased batch variance, as Keras' does (the fused op returns the unbiased one,
+    corrected here by (n-1)/n).  Keras' layer builds ~25 ops per call and ~25 more for
+    their gradients; the fused op is one each way, which on the full template is
+    ~9,000 fewer ops to trace and optimise (start-up time and the memory of the
+    graph) and a faster step (``docs/benchmarks.md``).  Synchronised, renormalised,
+    masked or non-channels-last calls, and ranks other than 4 and 5, fall back to
+    Keras' own computation.
+    """
+
+    def _fusable(self, inputs, mask) -> bool:
+        rank = len(inputs.shape)
+        return (rank in (4, 5) and self.axis in (-1, rank - 1) and mask is None
+                and not self.synchronized and not self.renorm
+                and keras.backend.backend() == "tensorflow"
+                and inputs.dtype in (tf.float32, tf.bfloat16, tf.float16))
+
+    def call(self, inputs, training=None, mask=None):
+        if not self._fusable(inputs, mask):
+            return super().call(inputs, training=training, mask=mask)
+        fmt = "NDHWC" if len(inputs.shape) == 5 else "NHWC"
+        channels = inputs.shape[-1]
+        gamma = (tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels]))
+        beta = (tf.cast(self.beta, tf.float32) if self.center else tf.zeros([channels]))
+        x = tf.cast(inputs, self.compute_dtype) if inputs.dtype != self.compute_dtype else inputs
+        if training and self.trainable:
+            y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+                x=x, scale=gamma, offset=beta, mean=tf.zeros([0]), variance=tf.zeros([0]),
+                epsilon=self.epsilon, exponential_avg_factor=1.0, data_format=fmt,
+                is_training=True)
+            n = x.shape[:-1].num_elements()
+            if n is None:
+                n = tf.cast(tf.size(x, out_type=tf.int64) // channels, tf.float32)
+                variance = variance * ((n - 1.0) / tf.maximum(n, 1.0))
+            else:
+                variance = variance * ((n - 1.0) / max(n, 1))
+            # moving <- moving * momentum + batch * (1 - momentum), as Keras' layer.
+            rate = 1.0 - self.momentum
+            self.moving_mean.assign_sub((self.moving_mean - mean) * rate)
+            self.moving_variance.assign_sub((self.moving_variance - variance) * rate)
+        else:
+            y = tf.raw_ops.FusedBatchNormV3(
+                x=x, scale=gamma, offset=beta, mean=tf.cast(self.moving_mean, tf.float32),
+                variance=tf.cast(self.moving_variance, tf.float32), epsilon=self.epsilon,
+                data_format=fmt, is_training=False)[0]
+        return y

@@ -37,7 +37,7 @@ from stfusion_tf.model.dropout import PhaseDropout
 from stfusion_tf.model.fusion import FusionUnit
 from stfusion_tf.model.gates import (GateConfig, VariationalDropPath, gate_layers,  # noqa: F401
                                      set_inference_mode)
-from stfusion_tf.model.normalization import PixelNormalization
+from stfusion_tf.model.normalization import BatchNorm, PixelNormalization
 from stfusion_tf.model.layers3d import TEMPORAL_PADDINGS, Pad3D
 from stfusion_tf.model.strategy import FusionStrategy
 
@@ -154,8 +154,7 @@ def _gate_names(position: str) -> tuple[str, str]:
 
 
 def _bn(name, synchronized=False):
-    return keras.layers.BatchNormalization(epsilon=1e-5, momentum=0.9, name=name,
-                                           synchronized=synchronized)
+    return BatchNorm(epsilon=1e-5, momentum=0.9, name=name, synchronized=synchronized)
 
 
 def _conv(filters, kernel, name, strides=(1, 1, 1), padding="same"):
