@@ -78,3 +78,43 @@ def test_template_saves_and_reloads_as_a_template_that_knows_its_config(tmp_path
     st = T.FusionStrategy.uniform(loaded.positions, "ST")
     net = T.strategy_network(loaded, st)
     assert isinstance(net, T.Template) and net.strategy == st and not T.gate_layers(net)
+
+
+@pytest.mark.parametrize("shape", [(2, 4, 5, 5, 8), (3, 6, 6, 8)])
+def test_fused_batchnorm_is_keras_batchnorm_in_one_op(shape):
+    """Same outputs, gradients and moving statistics as Keras' layer (its biased moving
+    variance, not the fused op's unbiased one), in one FusedBatchNormV3 each way."""
+    import keras
+    import tensorflow as tf
+    from stfusion_tf.model.normalization import BatchNorm
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(1.0, 3.0, shape), tf.float32)
+    w = tf.constant(rng.normal(size=shape), tf.float32)
+    ref, fused = (cls(epsilon=1e-5, momentum=0.9) for cls in (keras.layers.BatchNormalization,
+                                                              BatchNorm))
+    gamma, beta = rng.normal(size=shape[-1]), rng.normal(size=shape[-1])
+    for layer in (ref, fused):
+        layer.build(shape)
+        layer.gamma.assign(gamma)
+        layer.beta.assign(beta)
+    grads = []
+    for layer in (ref, fused):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            loss = tf.reduce_sum(layer(x, training=True) * w)
+        grads.append(tape.gradient(loss, [x, layer.gamma, layer.beta]))
+    for a, b in zip(*grads):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ref.moving_mean, fused.moving_mean, atol=1e-6)
+    np.testing.assert_allclose(ref.moving_variance, fused.moving_variance, rtol=1e-5)
+    np.testing.assert_allclose(ref(x, training=False), fused(x, training=False), atol=1e-5)
+
+    graph = tf.function(lambda t: fused(t, training=True)).get_concrete_function(x).graph
+    types = [op.type for op in graph.get_operations()]
+    assert types.count("FusedBatchNormV3") == 1 and "Mean" not in types
+    # Under mixed_bfloat16 the op takes and returns bfloat16 (statistics in float32).
+    mixed = BatchNorm(epsilon=1e-5, momentum=0.9, dtype="mixed_bfloat16")
+    y = mixed(tf.cast(x, tf.bfloat16), training=True)
+    assert y.dtype == tf.bfloat16 and mixed.moving_mean.dtype == "float32"
+    plain = BatchNorm(epsilon=1e-5, momentum=0.9)(x, training=True)
+    np.testing.assert_allclose(tf.cast(y, tf.float32), plain, atol=0.05)

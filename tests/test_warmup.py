@@ -159,3 +159,32 @@ def test_restart_happens_once_and_a_resumed_run_continues_its_phase(motion_dir, 
     else:  # resumed inside the phase: its optimizer comes back with its state
         assert iterations == 2 and momentum > 0
     assert cb.checkpoint_epoch(str(tmp_path / "checkpoints")) == 4
+
+
+def _apply_fn(opt, v):
+    import tensorflow as tf
+    return tf.function(lambda g: opt.apply([g], [v]))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sgd_is_keras_sgd_in_one_op_per_variable(nesterov):
+    """The project's SGD (one ResourceApplyKerasMomentum per variable) updates exactly as
+    Keras' SGD, weight decay included."""
+    import tensorflow as tf
+    from stfusion_tf.optimization import SGD
+    weights = []
+    for cls in (keras.optimizers.SGD, SGD):
+        v = keras.Variable(np.arange(6, dtype="float32").reshape(2, 3))
+        opt = cls(0.1, momentum=0.9, nesterov=nesterov, weight_decay=0.01)
+        opt.build([v])
+        step = _apply_fn(opt, v)
+        for i in range(4):
+            step(tf.constant(np.full((2, 3), i - 1.5, "float32")))
+        weights.append(np.asarray(v))
+    np.testing.assert_allclose(weights[0], weights[1], rtol=1e-6)
+    opt = SGD(0.1, momentum=0.9)
+    vs = [keras.Variable(np.ones(3, "float32")) for _ in range(5)]
+    opt.build(vs)
+    graph = tf.function(lambda: opt.apply([tf.ones(3)] * 5, vs)).get_concrete_function().graph
+    types = [op.type for op in graph.get_operations()]
+    assert types.count("ResourceApplyKerasMomentum") == 5 and types.count("Cast") <= 2
