@@ -21,13 +21,14 @@ cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 import keras
 from stfusion_tf.model import template as T, gates as G
+from stfusion_tf.optimization import SGD  # training's: one fused momentum op per variable
 
 def step(strategy, weights, gates_on, zero_ce=False):
     with strategy.scope():
         m = T.build_template(T.preset("tiny"), 4, T.GateConfig(dataset_size=64, length_scale=10.0),
                              synchronized_bn=strategy.num_replicas_in_sync > 1)
         ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-        m.compile(optimizer=keras.optimizers.SGD(0.01),
+        m.compile(optimizer=SGD(0.01, momentum=0.9),
                   loss=(lambda y, p: 0.0 * tf.reduce_mean(p)) if zero_ce else ce,
                   metrics=[keras.metrics.SparseCategoricalCrossentropy(from_logits=True, name="ce")])
     m.set_weights(weights)
