@@ -27,7 +27,8 @@ std of the compared cell over template seeds):
                               drops it in the upper half more than S+ST does
 
 Prints a JSON line per finished job and the final JSON report; writes
-``<out>/transfer.{json,md,png}`` (and, with ``--docs``, the table and chart into docs/).
+``<out>/transfer.{json,md,png}`` (and, with ``--docs``, the table into the generated block of
+docs/transfer.md, the hand-written text around it kept, and the chart into docs/img/).
 Resumable: finished runs and cells are skipped.  Long: ~40 min per task and template
 seed on 2 cores (7 h for the default 3 x 3); never part of ``make test``.
 
@@ -254,6 +255,19 @@ def markdown(cells, checks, fidelity, seconds) -> str:
     return "\n".join(lines) + "\n"
 
 
+BEGIN, END = "<!-- benchmarks/transfer.py --docs: begin -->", "<!-- benchmarks/transfer.py --docs: end -->"
+
+
+def _splice(doc: str, generated: str) -> str:
+    """``doc`` with its generated block (between BEGIN and END) replaced by ``generated``
+    (appended if it has none): the hand-written text around it stays."""
+    block = f"{BEGIN}\n{generated.replace('# ', '## ', 1)}{END}\n"
+    if BEGIN in doc and END in doc:
+        head, rest = doc.split(BEGIN, 1)
+        return head + block + rest.split(END, 1)[1].lstrip("\n")
+    return (doc.rstrip("\n") + "\n\n" if doc else "") + block
+
+
 def _num(x) -> str:
     return "–" if x is None else f"{x:.3f}"
 
@@ -297,7 +311,8 @@ def main():
     ap.add_argument("--fidelity_strategies", type=int, default=12)
     ap.add_argument("--no_fidelity", action="store_true")
     ap.add_argument("--report_only", action="store_true", help="collect what is there, train nothing")
-    ap.add_argument("--docs", action="store_true", help="also write docs/transfer.md and its chart")
+    ap.add_argument("--docs", action="store_true",
+                    help="also write the table into docs/transfer.md's generated block, and its chart")
     a = ap.parse_args()
     t0 = time.time()
     bench = Bench(a.out, a.seeds, a.standalone_seeds, a.tasks.split(","), a.backbones.split(","),
@@ -317,8 +332,9 @@ def main():
     if png:
         files.write_text(os.path.join(a.out, "transfer.png"), png)
     if a.docs:
-        files.write_text(os.path.join(ROOT, "docs", "transfer.md"), md.replace(
-            "\n## Targets", "\n![Table 6 per task and backbone](img/transfer.png)\n\n## Targets", 1))
+        docs = os.path.join(ROOT, "docs", "transfer.md")
+        files.write_text(docs, _splice(open(docs).read() if os.path.exists(docs) else "", md.replace(
+            "\n## Targets", "\n![Table 6 per task and backbone](img/transfer.png)\n\n## Targets", 1)))
         if png:
             files.write_text(os.path.join(ROOT, "docs", "img", "transfer.png"), png)
     print(json.dumps(report, default=str))
