@@ -142,7 +142,42 @@ class _Interpreter:
                 out = y if out is None else out + y
             return out
 
-        return tf.recompute_grad(forward)(*args)
+        return recompute(forward, args)
+
+
+def recompute(forward, args):
+    """``forward(*args)`` whose activations are recomputed in the backward pass.
+
+    ``tf.recompute_grad`` with less graph: it copies every input (``x + 0``, a full pass
+    over each of a dense block's feature maps, to order the recomputation after the
+    incoming gradient) and asks for zeros for unconnected gradients; here the
+    recomputation waits on the gradient through a control dependency (XLA may reorder
+    it, as it ignores control dependencies) and gets the inputs themselves.
+    """
+
+    @tf.custom_gradient
+    def run(*xs):
+        y = _unrecorded(forward, xs)  # as tf.recompute_grad: no tape keeps the forward
+
+        def grad(dy, variables=None):
+            with tf.control_dependencies([dy]), tf.GradientTape() as tape:
+                tape.watch(xs)
+                y2 = forward(*xs)
+            variables = list(variables or [])
+            grads = tape.gradient(y2, list(xs) + variables, output_gradients=dy)
+            grads = [tf.zeros_like(v) if g is None else g for g, v in
+                     zip(grads, list(xs) + variables)]
+            return grads[:len(xs)], grads[len(xs):]
+
+        return y, grad
+
+    return run(*args)
+
+
+def _unrecorded(fn, xs):
+    from tensorflow.python.eager import record  # what tf.recompute_grad uses; no public API
+    with record.stop_recording():
+        return fn(*xs)
 
 
 def _concat(parts):
