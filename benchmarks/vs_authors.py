@@ -5,7 +5,8 @@ authors_template_bench.py``: their ``v1d3`` DenseNet-121 with Variational DropPa
 momentum 0.9) in float32 and under ``torch.autocast`` bfloat16, then ours
 (``benchmarks/train_step.py``'s child: the full template, v-DropPath on) per variant.  Same
 shape for both: 16x112^2, batch 2, 174 classes, 2 threads.  Reports the median step over
-rounds with its range, the peak RSS of each process (``/usr/bin/time``'s %M for theirs,
+rounds with its range (bfloat16 variants against their autocast, the others against their
+float32), the peak RSS of each process (``/usr/bin/time``'s %M for theirs,
 ``ru_maxrss`` for ours: the same quantity) and the ratios: speed = their step / ours (> 1:
 ours faster), memory = our peak / theirs.  Ours also reports its first step as trace and
 first call (graph optimisation + first run).
@@ -31,7 +32,6 @@ import train_step  # noqa: E402  (our side: one child process per variant)
 
 HARNESS = os.path.join(os.path.dirname(os.path.dirname(HERE)), "shared", "bench",
                        "authors_template_bench.py")
-PAIRS = {"float32": "float32", "memory_efficient": "float32", "mixed_bfloat16": "bf16"}
 
 
 def authors(args, bf16: bool) -> dict:
@@ -91,10 +91,11 @@ def main():
         table[name] = row
     ratios = {}
     for v in variants:
-        theirs = table.get("authors " + PAIRS.get(v, "float32"), {})
+        against = "authors " + ("bf16" if "bfloat16" in v else "float32")
+        theirs = table.get(against, {})
         mine = table.get(v, {})
         if theirs.get("step_seconds") and mine.get("step_seconds"):
-            ratios[v] = {"against": "authors " + PAIRS.get(v, "float32"),
+            ratios[v] = {"against": against,
                          "speed": round(theirs["step_seconds"] / mine["step_seconds"], 3),
                          "memory": round(mine["peak_rss_gb"] / theirs["peak_rss_gb"], 3)}
     print(json.dumps({"shape": "16x112x112, batch 2, 174 classes, 2 threads",

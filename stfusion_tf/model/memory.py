@@ -15,8 +15,8 @@ treats a dense block lazily:
 * a block's ``Concatenate`` gives the list of its feature maps, not one tensor;
 * a pre-activated ``FusionUnit`` (``model/fusion.py``) that reads it runs its
   branches as one segment, concat -> per branch (BN -> ReLU -> x gate factor ->
-  temporal padding -> conv) -> sum, under ``tf.recompute_grad``: only the feature
-  maps and a few per-channel vectors are kept for the backward pass.  Batch
+  temporal padding -> conv) -> sum, recomputed in the backward pass (``recompute``):
+  only the feature maps and a few per-channel vectors are kept for it.  Batch
   statistics are per channel, so the moments of each feature map are computed
   once and shared by every BN of the block that reads it (the plain graph
   recomputes them in each BN); moving statistics are updated once per BN, outside
@@ -115,7 +115,7 @@ class _Interpreter:
 
     def segment(self, unit: FusionUnit, features: _Features):
         """sum_b conv_b(pad_b(relu(concat(parts) * scale_b + offset_b) * factor_b)) under
-        ``tf.recompute_grad``.
+        ``recompute``.
 
         A gate factor is >= 0, so relu(z) * f = relu(z * f): it is folded into the
         BN scale and offset (per sample and channel), saving a pass over the tensor.
