@@ -190,25 +190,28 @@ class SGD(keras.optimizers.SGD):
         m = self.momentums[self._get_variable_index(variable)]
         m = m.value if isinstance(m, keras.Variable) else m
         var = variable.value if isinstance(variable, keras.Variable) else variable
-        lr, momentum = self._hyper(learning_rate, var.dtype)
+        lr, momentum = self._hyper(learning_rate, var.dtype, var.device)
         tf.raw_ops.ResourceApplyKerasMomentum(
             var=var.handle, accum=m.handle, lr=lr, grad=tf.cast(gradient, var.dtype),
             momentum=momentum, use_nesterov=self.nesterov)
 
-    def _hyper(self, learning_rate, dtype):
-        """(lr, momentum) as ``dtype`` tensors, made once per step and dtype in a graph
-        (Keras casts, and reads, the learning rate once per variable)."""
-        if tf.executing_eagerly():
+    def _hyper(self, learning_rate, dtype, device):
+        """(lr, momentum) as ``dtype`` tensors, made once per step, dtype and device in a
+        graph (Keras casts, and reads, the learning rate once per variable)."""
+        if tf.executing_eagerly() or not (tf.is_tensor(learning_rate)
+                                          or isinstance(learning_rate, tf.Variable)):
             return tf.cast(learning_rate, dtype), tf.cast(self.momentum, dtype)
         graph = tf.compat.v1.get_default_graph()
         cache = self.__dict__.get("_step_hyper")
-        # Weak keys: the cache holds the latest traced step's two tensors, no older graph.
+        # Weak keys: the cache holds the latest traced step's few tensors, no older graph.
         if cache is None or cache[0]() is not graph or cache[1]() is not learning_rate:
             cache = (weakref.ref(graph), weakref.ref(learning_rate), {})
             object.__setattr__(self, "_step_hyper", cache)  # not a tracked attribute
-        if dtype not in cache[2]:
-            cache[2][dtype] = (tf.cast(learning_rate, dtype), tf.cast(self.momentum, dtype))
-        return cache[2][dtype]
+        key = (dtype, device)
+        if key not in cache[2]:
+            with tf.device(device):
+                cache[2][key] = (tf.cast(learning_rate, dtype), tf.cast(self.momentum, dtype))
+        return cache[2][key]
 
 
 def _make(name: str, lr, momentum: float, weight_decay: float = 0.0, ema: bool = False,

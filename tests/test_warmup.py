@@ -188,3 +188,9 @@ def test_sgd_is_keras_sgd_in_one_op_per_variable(nesterov):
     graph = tf.function(lambda: opt.apply([tf.ones(3)] * 5, vs)).get_concrete_function().graph
     types = [op.type for op in graph.get_operations()]
     assert types.count("ResourceApplyKerasMomentum") == 5 and types.count("Cast") <= 2
+    # A callable learning rate (a Python float each step) works too.
+    v = keras.Variable(np.ones(3, "float32"))
+    opt = SGD(lambda: 0.5, momentum=0.9)
+    opt.build([v])
+    _apply_fn(opt, v)(tf.ones(3))
+    np.testing.assert_allclose(v, 0.5 * np.ones(3))

@@ -142,17 +142,21 @@ class _Interpreter:
                 out = y if out is None else out + y
             return out
 
-        return recompute(forward, args)
+        smallest = min(range(n), key=lambda i: parts[i].shape[-1])
+        return recompute(forward, args, anchor=smallest)
 
 
-def recompute(forward, args):
+def recompute(forward, args, anchor: int = 0):
     """``forward(*args)`` whose activations are recomputed in the backward pass.
 
-    ``tf.recompute_grad`` with less graph: it copies every input (``x + 0``, a full pass
-    over each of a dense block's feature maps, to order the recomputation after the
-    incoming gradient) and asks for zeros for unconnected gradients; here the
-    recomputation waits on the gradient through a control dependency (XLA may reorder
-    it, as it ignores control dependencies) and gets the inputs themselves.
+    ``tf.recompute_grad`` with less work: to order the recomputation after the incoming
+    gradient (and, under XLA, to keep it from being merged with the forward pass) it adds
+    a scalar that depends on the gradient to *every* input, a full copy of each of a
+    dense block's feature maps; here it is added to ``args[anchor]`` only, which makes
+    every recomputed op depend on the gradient all the same if every op of ``forward``
+    reads it (the caller picks the smallest feature map that its concatenation reads;
+    otherwise Grappler's or XLA's common-subexpression pass may merge the recomputation
+    with the forward and keep the forward's tensors alive).
     """
 
     @tf.custom_gradient
@@ -160,9 +164,15 @@ def recompute(forward, args):
         y = _unrecorded(forward, xs)  # as tf.recompute_grad: no tape keeps the forward
 
         def grad(dy, variables=None):
-            with tf.control_dependencies([dy]), tf.GradientTape() as tape:
+            # 0, or NaN when dy's first element is: a value no compiler can fold away.
+            first = tf.reshape(dy, [-1])[:1]
+            dep = tf.where(tf.math.is_nan(first), tf.constant(float("nan"), first.dtype),
+                           tf.zeros_like(first))
+            with tf.GradientTape() as tape:
                 tape.watch(xs)
-                y2 = forward(*xs)
+                inputs = list(xs)
+                inputs[anchor] = xs[anchor] + tf.cast(dep, xs[anchor].dtype)
+                y2 = forward(*inputs)
             variables = list(variables or [])
             grads = tape.gradient(y2, list(xs) + variables, output_gradients=dy)
             grads = [tf.zeros_like(v) if g is None else g for g, v in
