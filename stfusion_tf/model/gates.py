@@ -92,8 +92,13 @@ class StableRelaxedBernoulli(tfp.distributions.RelaxedBernoulli):
     def sample_from_uniform(self, u):
         """The relaxed sample for uniform noise ``u`` in (0, 1) (any shape that
         broadcasts with the batch shape): the reparameterisation ``sample`` uses."""
-        logits = self._logits_parameter_no_checks()
-        return tf.sigmoid((logits + tf.math.log(u) - tf.math.log1p(-u)) / self._temperature)
+        return tf.sigmoid(concrete_logit(self._logits_parameter_no_checks(), u, self._temperature))
+
+
+def concrete_logit(logits, u, temperature):
+    """(logits + log u - log(1 - u)) / temperature: the relaxed Bernoulli sample is its
+    sigmoid, for u ~ U(0, 1) (the one written-out form of the Concrete sample)."""
+    return (logits + tf.math.log(u) - tf.math.log1p(-u)) * (1.0 / temperature)
 
 
 def _check_choice(name, value, choices):
@@ -242,11 +247,11 @@ class VariationalDropPath(keras.layers.Wrapper):
         return 1.0 / (1.0 - p) if self.rescale else 1.0
 
     def _relaxed(self, shape, logit, p):
-        # 1 - d for d ~ RelaxedBernoulli(temperature, logits) drawn from one uniform u, as
-        # StableRelaxedBernoulli.sample_from_uniform (1 - sigmoid(z) = sigmoid(-z)): TFP's
-        # sample() adds ~45 shape and seed ops per gate (x 122 gates in the full template).
+        # 1 - d for d ~ RelaxedBernoulli(temperature, logits) drawn from one uniform u
+        # (1 - sigmoid(z) = sigmoid(-z)): TFP's sample() adds ~45 shape and seed ops per
+        # gate (x 122 gates in the full template).
         u = tf.maximum(tf.random.uniform(shape), _TINY)
-        keep = tf.sigmoid((tf.math.log1p(-u) - tf.math.log(u) - logit) * (1.0 / self.temperature))
+        keep = tf.sigmoid(-concrete_logit(logit, u, self.temperature))
         return keep / (1.0 - p) if self.rescale else keep
 
     def _hard(self, shape, p):

@@ -72,7 +72,7 @@ class BatchNorm(keras.layers.BatchNormalization):
         channels = inputs.shape[-1]
         gamma = (tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels]))
         beta = (tf.cast(self.beta, tf.float32) if self.center else tf.zeros([channels]))
-        x = tf.cast(inputs, self.compute_dtype) if inputs.dtype != self.compute_dtype else inputs
+        x = tf.cast(inputs, self.compute_dtype)  # no op when it already is
         if training and self.trainable:
             y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
                 x=x, scale=gamma, offset=beta, mean=tf.zeros([0]), variance=tf.zeros([0]),
