@@ -60,8 +60,10 @@ PROTOCOL = "video top-1 on test, 8 frames x 1 clip x 1 centre crop of 32x32"
 
 
 class Bench:
-    def __init__(self, out, seeds, standalone_seeds, tasks, backbones, fidelity_strategies):
+    def __init__(self, out, seeds, standalone_seeds, tasks, backbones, fidelity_strategies,
+                 generalize_epochs=0):
         self.out, self.seeds, self.standalone_seeds = out, seeds, standalone_seeds
+        self.generalize_epochs = generalize_epochs
         self.tasks, self.backbones, self.fidelity_strategies = tasks, backbones, fidelity_strategies
         os.makedirs(os.path.join(out, "logs"), exist_ok=True)
 
@@ -97,7 +99,9 @@ class Bench:
                            [f"--model_dir={run}", "--mode=generalize", "--progress=0",
                             f"--backbones={','.join(self.backbones)}",
                             f"--backbone_strategies={','.join(SPECS)}",
-                            f"--generalize_seeds={self.standalone_seeds}"])
+                            f"--generalize_seeds={self.standalone_seeds}",
+                            *([f"--generalize_epochs={self.generalize_epochs}"]
+                              if self.generalize_epochs else [])])
                 if fidelity and task == "motion" and "resnet_tiny" in self.backbones:
                     searched = os.path.join(run, "searched", "resnet_tiny")
                     self._step(f"fidelity_{seed}", os.path.join(
@@ -218,8 +222,9 @@ def fidelity_rows(bench) -> list[dict]:
     return rows
 
 
-def markdown(cells, checks, fidelity, seconds) -> str:
+def markdown(cells, checks, fidelity, seconds, budget="the task config's") -> str:
     lines = ["# Searched, transferred and uniform strategies on the backbones (Table 6)", "",
+             f"Stand-alone budget: {budget} epochs. "
              f"Video top-1 % ({PROTOCOL}), mean +- std over template seeds (each cell the mean "
              "of its stand-alone training seeds; with one template seed, the std over its "
              "training seeds); GMACs per clip in brackets.", ""]
@@ -255,16 +260,24 @@ def markdown(cells, checks, fidelity, seconds) -> str:
     return "\n".join(lines) + "\n"
 
 
-BEGIN, END = "<!-- benchmarks/transfer.py --docs: begin -->", "<!-- benchmarks/transfer.py --docs: end -->"
+def _markers(label: str = "") -> tuple[str, str]:
+    """The generated block's fences; a run at another stand-alone budget has its own."""
+    tag = f"--docs{' ' + label if label else ''}"
+    return (f"<!-- benchmarks/transfer.py {tag}: begin -->",
+            f"<!-- benchmarks/transfer.py {tag}: end -->")
 
 
-def _splice(doc: str, generated: str) -> str:
-    """``doc`` with its generated block (between BEGIN and END) replaced by ``generated``
+BEGIN, END = _markers()
+
+
+def _splice(doc: str, generated: str, label: str = "") -> str:
+    """``doc`` with its generated block (between its markers) replaced by ``generated``
     (appended if it has none): the hand-written text around it stays."""
-    block = f"{BEGIN}\n{generated.replace('# ', '## ', 1)}{END}\n"
-    if BEGIN in doc and END in doc:
-        head, rest = doc.split(BEGIN, 1)
-        return head + block + rest.split(END, 1)[1].lstrip("\n")
+    begin, end = _markers(label)
+    block = f"{begin}\n{generated.replace('# ', '## ', 1)}{end}\n"
+    if begin in doc and end in doc:
+        head, rest = doc.split(begin, 1)
+        return head + block + rest.split(end, 1)[1].lstrip("\n")
     return (doc.rstrip("\n") + "\n\n" if doc else "") + block
 
 
@@ -310,33 +323,44 @@ def main():
     ap.add_argument("--backbones", default=",".join(BACKBONES))
     ap.add_argument("--fidelity_strategies", type=int, default=12)
     ap.add_argument("--no_fidelity", action="store_true")
+    ap.add_argument("--generalize_epochs", type=int, default=0,
+                    help="stand-alone budget of every Table 6 network (0: the task config's, 8); "
+                         "another budget writes its own block and chart with --docs")
     ap.add_argument("--report_only", action="store_true", help="collect what is there, train nothing")
     ap.add_argument("--docs", action="store_true",
                     help="also write the table into docs/transfer.md's generated block, and its chart")
     a = ap.parse_args()
     t0 = time.time()
     bench = Bench(a.out, a.seeds, a.standalone_seeds, a.tasks.split(","), a.backbones.split(","),
-                  a.fidelity_strategies)
+                  a.fidelity_strategies, a.generalize_epochs)
+    label = f"generalize_epochs={a.generalize_epochs}" if a.generalize_epochs else ""
+    budget = str(a.generalize_epochs) if a.generalize_epochs else "the task config's (8)"
     if not a.report_only:
         bench.run(fidelity=not a.no_fidelity)
     cells = collect(bench)
     checks = targets(cells)
     fid = fidelity_rows(bench)
-    report = {"protocol": PROTOCOL, "cost": "MACs per clip", "cells": cells, "targets": checks,
-              "fidelity": fid, "seconds": round(time.time() - t0, 1)}
+    report = {"protocol": PROTOCOL, "cost": "MACs per clip", "standalone_epochs": budget,
+              "cells": cells, "targets": checks, "fidelity": fid,
+              "seconds": round(time.time() - t0, 1)}
     from stfusion_tf import files
     files.write_json(os.path.join(a.out, "transfer.json"), report)
-    md = markdown(cells, checks, fid, time.time() - t0)
+    md = markdown(cells, checks, fid, time.time() - t0, budget)
     files.write_text(os.path.join(a.out, "transfer.md"), md)
     png = chart(cells)
     if png:
         files.write_text(os.path.join(a.out, "transfer.png"), png)
     if a.docs:
+        # The report beside the docs: the run directories are scratch, this survives them.
+        suffix = f"_e{a.generalize_epochs}" if a.generalize_epochs else ""
+        files.write_json(os.path.join(HERE, "results", f"transfer{suffix}.json"), report)
+        img = f"transfer{suffix}.png"
         docs = os.path.join(ROOT, "docs", "transfer.md")
         files.write_text(docs, _splice(open(docs).read() if os.path.exists(docs) else "", md.replace(
-            "\n## Targets", "\n![Table 6 per task and backbone](img/transfer.png)\n\n## Targets", 1)))
+            "\n## Targets", f"\n![Table 6 per task and backbone](img/{img})\n\n## Targets", 1),
+            label))
         if png:
-            files.write_text(os.path.join(ROOT, "docs", "img", "transfer.png"), png)
+            files.write_text(os.path.join(ROOT, "docs", "img", img), png)
     print(json.dumps(report, default=str))
 
 
