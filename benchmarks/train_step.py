@@ -154,6 +154,11 @@ def child(case: str, variant: str, args) -> dict:
     import tensorflow as tf
     v = _parse_variant(variant)
     keras.mixed_precision.set_global_policy(v["precision"])
+    try:  # as training sets it (compute.ComputeConfig.apply); older checkouts: TF's defaults
+        from stfusion_tf.compute import lean_graph_optimisation
+        lean_graph_optimisation()
+    except ImportError:
+        pass
     keras.utils.set_random_seed(0)
     model, batch, shape = _build(case, args, v["memory_efficient"])
     x = tf.random.uniform((batch,) + shape, 0, 255)

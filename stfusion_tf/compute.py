@@ -17,6 +17,13 @@
   concatenation, BN-ReLU and bottleneck in the backward pass (``model/memory.py``).
   Only training calls change; ResNet / MobileNetV2 backbones have no dense
   layers and ignore it.
+* Graph optimisation (``lean_graph_optimisation``, on hosts without an
+  accelerator): Grappler runs its passes once, not twice, and without its memory
+  optimizer.  On the full template the second iteration changed nothing and the
+  memory optimizer only rescheduled; together they were ~3.5 s of the ~9 s
+  between the trace and the first step, for the same step time and peak memory
+  (docs/benchmarks.md).  With a GPU or TPU TensorFlow's defaults stay (its
+  memory optimizer's swapping matters there; not measured here).
 """
 
 from __future__ import annotations
@@ -49,8 +56,10 @@ class ComputeConfig:
         return {"auto": "auto", "true": True, "false": False}[self.jit_compile]
 
     def apply(self) -> None:
-        """Sets the global Keras dtype policy: models built or loaded afterwards use it."""
+        """Sets the global Keras dtype policy (models built or loaded afterwards use it)
+        and, on a CPU-only host, the lean graph optimisation."""
         set_precision(self.precision)
+        lean_graph_optimisation()
 
 
 def set_precision(precision: str) -> None:
@@ -83,6 +92,33 @@ def resolve_jit(jit_compile) -> bool:
         return jit_compile == "true"
     accelerators = [d for d in tf.config.list_physical_devices() if d.device_type != "CPU"]
     return bool(accelerators) and not tf.distribute.has_strategy()
+
+
+def lean_graph_optimisation(force: bool = False) -> bool:
+    """One Grappler iteration and no memory optimizer for the tf.functions this thread
+    calls afterwards (``model.fit``'s step, evaluation, scoring), on a host without a
+    GPU or TPU (or with ``force``); returns whether it is set.
+
+    ``tf.config.optimizer.set_experimental_options`` has no switch for either, so this
+    sets the eager context's function-call options (what a ``tf.function`` call hands
+    Grappler); a later ``tf.config.optimizer`` or threading setting resets them to
+    TensorFlow's defaults (slower start, same results)."""
+    import tensorflow as tf
+    from tensorflow.core.protobuf import rewriter_config_pb2
+    from tensorflow.python.eager import context
+    accelerators = [d for d in tf.config.list_physical_devices() if d.device_type != "CPU"]
+    if accelerators and not force:
+        return False
+    ctx = context.context()
+    config = ctx.function_call_options.config_proto_serialized
+    proto = type(ctx.config)()
+    proto.ParseFromString(config)
+    rewrite = proto.graph_options.rewrite_options
+    rewrite.meta_optimizer_iterations = rewriter_config_pb2.RewriterConfig.ONE
+    rewrite.memory_optimization = rewriter_config_pb2.RewriterConfig.NO_MEM_OPT
+    ctx.function_call_options = context.FunctionCallOptions(
+        executor_type=ctx.function_call_options.executor_type, config_proto=proto)
+    return True
 
 
 def set_memory_efficient(model, enabled: bool) -> bool:

@@ -16,6 +16,8 @@ from stfusion_tf.model import gates as G
 from stfusion_tf.model import template as T
 from stfusion_tf.model.strategy import FusionStrategy
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_gate_stays_float32_under_a_mixed_policy():
     with compute.precision_scope("float32"):
@@ -129,3 +131,32 @@ def test_export_under_bfloat16_writes_a_float32_tflite(tmp_path):
         assert all(np.array_equal(a, b) for a, b in zip(net.get_weights(), f32.get_weights()))
     assert export.float32_network(copies[0]) is copies[0]
     assert os.path.getsize(path) > 0
+
+
+def test_lean_graph_optimisation_runs_grappler_once_without_its_memory_optimizer(tmp_path):
+    """Grappler's own log (meta_optimizer VLOG) in a fresh process: with the lean setting one
+    pass over the graph and no memory optimizer; TensorFlow's default runs two passes and the
+    memory optimizer. The function's result is the same."""
+    import subprocess
+    import sys
+    script = tmp_path / "probe.py"
+    script.write_text(
+        "import sys\nimport tensorflow as tf\n"
+        "from stfusion_tf.compute import lean_graph_optimisation\n"
+        "if sys.argv[1] == 'lean':\n    assert lean_graph_optimisation(force=True)\n"
+        "@tf.function\ndef f(x):\n    for _ in range(5):\n"
+        "        x = tf.nn.relu(x * 2.0 + 1.0) - tf.reduce_mean(x)\n    return x\n"
+        "print('result', float(tf.reduce_sum(f(tf.ones([4, 4])))))\n")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="0", TF_CPP_VMODULE="meta_optimizer=1",
+               PYTHONPATH=ROOT)
+    logs = {}
+    for mode in ("lean", "default"):
+        r = subprocess.run([sys.executable, str(script), mode], env=env, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        logs[mode] = r.stdout + r.stderr
+    count = lambda mode, s: logs[mode].count(s)  # noqa: E731
+    assert count("lean", "model_pruner:") == 1 and count("default", "model_pruner:") == 2
+    assert count("lean", "memory_optimizer:") == 0 and count("default", "memory_optimizer:") >= 1
+    results = {m: [l for l in logs[m].splitlines() if l.startswith("result")] for m in logs}
+    assert results["lean"] == results["default"] == ["result 96.0"]
