@@ -86,6 +86,16 @@ def test_training_gate_is_a_handful_of_ops_and_draws_tfps_relaxed_bernoulli():
 
     graph = factor.get_concrete_function(tf.TensorSpec([None, 1, 1, 1, 1])).graph
     assert len(graph.get_operations()) <= 65, len(graph.get_operations())  # 59; TFP sample(): 124
+
+    @tf.function
+    def step(x):  # forward and gradients, as a training step traces them
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(g(x, training=True)) + tf.add_n(g.losses)
+        return tape.gradient(loss, [g.p_logit, g.layer.kernel])
+
+    graph = step.get_concrete_function(tf.TensorSpec([None, 1, 1, 1, 1])).graph
+    # 122; with two [B,1,..] selects in place of the multiply-add: 151
+    assert len(graph.get_operations()) <= 128, len(graph.get_operations())
     d = 1.0 - factor(x).numpy().ravel()
     ref = tfp.distributions.RelaxedBernoulli(0.5, logits=float(g.p_logit)).sample(
         200000, seed=5).numpy()

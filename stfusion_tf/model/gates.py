@@ -209,25 +209,29 @@ class VariationalDropPath(keras.layers.Wrapper):
     def squared_norm(self):
         """||W||^2 of the weight term: the kernel's (``norm``) or n_W / k^2 (``prior``)."""
         if self.weight_term == "prior":
-            n = float(np.prod(self.layer.kernel.shape))
-            return tf.constant(n / max(self.length_scale, _EPS) ** 2)
+            return tf.constant(self._prior_squared_norm())
         return tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(self.layer.kernel), tf.float32)))
+
+    def _prior_squared_norm(self) -> float:
+        return float(np.prod(self.layer.kernel.shape)) / max(self.length_scale, _EPS) ** 2
 
     def regularization(self, p=None, logit=None):
         """The variational regulariser of this gate (a scalar tensor); ``p`` / ``logit``:
         the drop rate and its logit if the caller already has them (one read per step)."""
         logit = tf.convert_to_tensor(self.p_logit) if logit is None else logit
         p = tf.sigmoid(logit) if p is None else p
-        sq = self.squared_norm()
         n = float(self.dataset_size)
         k = self.length_scale
+        price = k / n if self.regularizer == "code" else (k * k) / (2.0 * n)
+        if self.weight_term == "prior":  # a number: one op fewer per gate and step
+            weight_term = (1.0 - p) * (price * self._prior_squared_norm())
+        else:
+            weight_term = (1.0 - p) * (price * self.squared_norm())
         # Written in the logit l, exact and finite at any l: log p = l - softplus(l) and
         # log(1 - p) = -softplus(l), so p log p + (1-p) log(1-p) = p l - softplus(l).
         if self.regularizer == "code":
-            weight_term = (k / n) * (1.0 - p) * sq
             entropy = p * logit - tf.math.softplus(logit)
         else:
-            weight_term = (k * k) / (2.0 * n) * (1.0 - p) * sq
             entropy = p * (logit - tf.math.softplus(logit))
         scale = (float(self._num_features) if self.noise == "feature" else 1.0) / n
         return weight_term + entropy * scale
@@ -275,17 +279,21 @@ class VariationalDropPath(keras.layers.Wrapper):
         mask = tf.convert_to_tensor(self.mask)
         enabled = tf.equal(tf.convert_to_tensor(self.enabled), 1)
         mode = tf.convert_to_tensor(self.inference_mode)
-        # Selected with tf.where, not tf.cond: every candidate is a [B,1,..] tensor or a
-        # scalar, while ~120 gates x 3 conds made the full template's first training step
-        # twice as slow to build and optimise and its float32 process peak 5.43 GB instead
-        # of 4.30 (benchmarks/train_step.py).  The unselected candidates get zero gradient.
+        # Selected arithmetically or with tf.where, not tf.cond: ~120 gates x 3 conds made
+        # the full template's first training step twice as slow to build and optimise and
+        # its float32 process peak 5.43 GB instead of 4.30 (benchmarks/train_step.py).
         if training:
             # A fixed strategy (mask mode) also holds in training: fine-tuning or
             # re-calibrating BatchNorm of one sub-network, with no regulariser.
             fixed = tf.equal(mode, 1)
-            factor = tf.where(fixed, mask, tf.where(enabled, self._relaxed(shape, logit, p), 1.0))
-            variational = tf.logical_and(enabled, tf.logical_not(fixed))
-            return factor, tf.where(variational, self.regularization(p, logit), 0.0)
+            variational = tf.cast(tf.logical_and(enabled, tf.logical_not(fixed)), tf.float32)
+            # keep * 1 + 0 (variational), keep * 0 + mask (fixed), keep * 0 + 1 (warm-up):
+            # exact in each case; one broadcast multiply-add instead of two [B,1,..]
+            # selects, whose gradients were ~30 of a gate's ~140 ops.  The regulariser is
+            # finite at any logit, so scaling it by 0 is 0.
+            rest = tf.where(fixed, mask, 1.0 - variational)
+            factor = self._relaxed(shape, logit, p) * variational + rest
+            return factor, self.regularization(p, logit) * variational
         ones = tf.ones(shape)
         chosen = [tf.where(enabled, ones * self._expected(p), ones), mask,
                   tf.where(enabled, self._hard(shape, p), ones), ones]
