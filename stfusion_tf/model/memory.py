@@ -62,7 +62,7 @@ class _Interpreter:
 
     def __init__(self, training):
         self.training = training
-        self.moments = {}  # (tensor ref, synchronized) -> (mean, variance), float32
+        self.moments = {}  # (tensor ref(s), synchronized[, "part"]) -> (mean, variance), float32
         self.affine = {}  # id(bn) -> (scale, offset), float32
 
     def operation_fn(self, op):
@@ -87,10 +87,25 @@ class _Interpreter:
         return _concat(value.parts) if isinstance(value, _Features) else value
 
     def part_moments(self, part, synchronized: bool):
-        key = (part.ref(), synchronized)
+        key = (part.ref(), synchronized, "part")
         if key not in self.moments:
             self.moments[key] = keras.ops.moments(tf.cast(part, tf.float32), _AXES,
                                                   synchronized=synchronized)
+        return self.moments[key]
+
+    def block_moments(self, parts: tuple, synchronized: bool):
+        """Per-channel (mean, variance) of concat(parts): the moments of parts[:-1] (as the
+        previous dense layer read them) with those of the newest part appended, so a
+        block of L layers builds L two-way concatenations, not L^2/2 inputs' worth (each
+        input of a concatenation is a slice op in the gradient)."""
+        key = (tuple(p.ref() for p in parts), synchronized)
+        if key not in self.moments:
+            mean, variance = self.part_moments(parts[-1], synchronized)
+            if len(parts) > 1:
+                head_mean, head_variance = self.block_moments(parts[:-1], synchronized)
+                mean = tf.concat([head_mean, mean], 0)
+                variance = tf.concat([head_variance, variance], 0)
+            self.moments[key] = (mean, variance)
         return self.moments[key]
 
     def bn_affine(self, bn, features: _Features):
@@ -101,9 +116,7 @@ class _Interpreter:
         """
         if id(bn) in self.affine:
             return self.affine[id(bn)]
-        moments = [self.part_moments(p, bn.synchronized) for p in features.parts]
-        mean = tf.concat([m for m, _ in moments], 0)
-        variance = tf.concat([v for _, v in moments], 0)
+        mean, variance = self.block_moments(tuple(features.parts), bn.synchronized)
         bn.moving_mean.assign(bn.moving_mean * bn.momentum + mean * (1.0 - bn.momentum))
         bn.moving_variance.assign(bn.moving_variance * bn.momentum
                                   + variance * (1.0 - bn.momentum))
@@ -128,13 +141,10 @@ class _Interpreter:
                 factor = gate(parts[0], training=self.training, multiplier_only=True)
                 scale, offset = scale * factor, offset * factor
             args += [scale, offset]
-        n = len(parts)
-
-        def forward(*tensors):
-            x = _concat(tensors[:n])
+        def forward(x, *affine):
             out = None
             for i, (_, _, pad, conv, _) in enumerate(unit.branches):
-                scale, offset = tensors[n + 2 * i], tensors[n + 2 * i + 1]
+                scale, offset = affine[2 * i], affine[2 * i + 1]
                 z = tf.nn.relu(x * tf.cast(scale, x.dtype) + tf.cast(offset, x.dtype))
                 if pad is not None:
                     z = pad(z)
@@ -142,12 +152,17 @@ class _Interpreter:
                 out = y if out is None else out + y
             return out
 
-        smallest = min(range(n), key=lambda i: parts[i].shape[-1])
-        return recompute(forward, args, anchor=smallest)
+        smallest = min(range(len(parts)), key=lambda i: parts[i].shape[-1])
+        return recompute(forward, args, anchor=smallest, concat=len(parts))
 
 
-def recompute(forward, args, anchor: int = 0):
+def recompute(forward, args, anchor: int = 0, concat: int = 0):
     """``forward(*args)`` whose activations are recomputed in the backward pass.
+
+    With ``concat=n`` forward gets the first n args concatenated on the last axis as its
+    first argument; the backward pass splits that tensor's gradient back into the n
+    parts with one op (the concatenation's own gradient is a slice per part: on the full
+    template ~2,400 more ops to trace and optimise).
 
     ``tf.recompute_grad`` with less work: to order the recomputation after the incoming
     gradient (and, under XLA, to keep it from being merged with the forward pass) it adds
@@ -159,9 +174,15 @@ def recompute(forward, args, anchor: int = 0):
     with the forward and keep the forward's tensors alive).
     """
 
+    n = concat or 0
+    sizes = [int(a.shape[-1]) for a in args[:n]]
+
+    def body(*tensors):
+        return forward(_concat(tensors[:n]), *tensors[n:]) if n else forward(*tensors)
+
     @tf.custom_gradient
     def run(*xs):
-        y = _unrecorded(forward, xs)  # as tf.recompute_grad: no tape keeps the forward
+        y = _unrecorded(body, xs)  # as tf.recompute_grad: no tape keeps the forward
 
         def grad(dy, variables=None):
             # 0, or NaN when dy's first element is: a value no compiler can fold away.
@@ -169,14 +190,18 @@ def recompute(forward, args, anchor: int = 0):
             dep = tf.where(tf.math.is_nan(first), tf.constant(float("nan"), first.dtype),
                            tf.zeros_like(first))
             with tf.GradientTape() as tape:
-                tape.watch(xs)
                 inputs = list(xs)
                 inputs[anchor] = xs[anchor] + tf.cast(dep, xs[anchor].dtype)
+                if n:
+                    inputs = [_concat(inputs[:n])] + inputs[n:]
+                tape.watch(inputs)
                 y2 = forward(*inputs)
             variables = list(variables or [])
-            grads = tape.gradient(y2, list(xs) + variables, output_gradients=dy)
+            grads = tape.gradient(y2, inputs + variables, output_gradients=dy)
             grads = [tf.zeros_like(v) if g is None else g for g, v in
-                     zip(grads, list(xs) + variables)]
+                     zip(grads, inputs + variables)]
+            if n:
+                grads = (tf.split(grads[0], sizes, axis=-1) if n > 1 else grads[:1]) + grads[1:]
             return grads[:len(xs)], grads[len(xs):]
 
         return y, grad
