@@ -256,7 +256,9 @@ def markdown(cells, checks, fidelity, seconds, budget="the task config's") -> st
         for r in fidelity:
             lines.append(f"| {r['seed']} | {r['num_strategies']} | {_num(r['kendall_tau'])} | "
                          f"{_num(r['recalibrated_tau'])} |")
-    lines += ["", f"Running time of this invocation: {seconds / 60:.1f} min."]
+    lines += ["", "Collected from finished runs (--report_only): their training time is in the "
+              "run's own report." if seconds is None else
+              f"Running time of this invocation: {seconds / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 
 
@@ -342,10 +344,10 @@ def main():
     fid = fidelity_rows(bench)
     report = {"protocol": PROTOCOL, "cost": "MACs per clip", "standalone_epochs": budget,
               "cells": cells, "targets": checks, "fidelity": fid,
-              "seconds": round(time.time() - t0, 1)}
+              "seconds": None if a.report_only else round(time.time() - t0, 1)}
     from stfusion_tf import files
     files.write_json(os.path.join(a.out, "transfer.json"), report)
-    md = markdown(cells, checks, fid, time.time() - t0, budget)
+    md = markdown(cells, checks, fid, None if a.report_only else time.time() - t0, budget)
     files.write_text(os.path.join(a.out, "transfer.md"), md)
     png = chart(cells)
     if png:
