@@ -90,8 +90,13 @@ def resolve_jit(jit_compile) -> bool:
         return jit_compile
     if jit_compile != "auto":
         return jit_compile == "true"
-    accelerators = [d for d in tf.config.list_physical_devices() if d.device_type != "CPU"]
-    return bool(accelerators) and not tf.distribute.has_strategy()
+    return _has_accelerator() and not tf.distribute.has_strategy()
+
+
+def _has_accelerator() -> bool:
+    """Whether TensorFlow sees a device other than the CPU (a GPU or TPU)."""
+    import tensorflow as tf
+    return any(d.device_type != "CPU" for d in tf.config.list_physical_devices())
 
 
 def lean_graph_optimisation(force: bool = False) -> bool:
@@ -103,11 +108,9 @@ def lean_graph_optimisation(force: bool = False) -> bool:
     sets the eager context's function-call options (what a ``tf.function`` call hands
     Grappler); a later ``tf.config.optimizer`` or threading setting resets them to
     TensorFlow's defaults (slower start, same results)."""
-    import tensorflow as tf
     from tensorflow.core.protobuf import rewriter_config_pb2
     from tensorflow.python.eager import context
-    accelerators = [d for d in tf.config.list_physical_devices() if d.device_type != "CPU"]
-    if accelerators and not force:
+    if _has_accelerator() and not force:
         return False
     ctx = context.context()
     config = ctx.function_call_options.config_proto_serialized

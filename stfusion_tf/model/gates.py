@@ -223,10 +223,9 @@ class VariationalDropPath(keras.layers.Wrapper):
         n = float(self.dataset_size)
         k = self.length_scale
         price = k / n if self.regularizer == "code" else (k * k) / (2.0 * n)
-        if self.weight_term == "prior":  # a number: one op fewer per gate and step
-            weight_term = (1.0 - p) * (price * self._prior_squared_norm())
-        else:
-            weight_term = (1.0 - p) * (price * self.squared_norm())
+        # Under the prior, ||W||^2 is a number: price * ||W||^2 folds into one constant.
+        sq = self._prior_squared_norm() if self.weight_term == "prior" else self.squared_norm()
+        weight_term = (1.0 - p) * (price * sq)
         # Written in the logit l, exact and finite at any l: log p = l - softplus(l) and
         # log(1 - p) = -softplus(l), so p log p + (1-p) log(1-p) = p l - softplus(l).
         if self.regularizer == "code":

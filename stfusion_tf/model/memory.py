@@ -141,6 +141,7 @@ class _Interpreter:
                 factor = gate(parts[0], training=self.training, multiplier_only=True)
                 scale, offset = scale * factor, offset * factor
             args += [scale, offset]
+
         def forward(x, *affine):
             out = None
             for i, (_, _, pad, conv, _) in enumerate(unit.branches):
@@ -174,7 +175,7 @@ def recompute(forward, args, anchor: int = 0, concat: int = 0):
     with the forward and keep the forward's tensors alive).
     """
 
-    n = concat or 0
+    n = concat
     sizes = [int(a.shape[-1]) for a in args[:n]]
 
     def body(*tensors):
