@@ -222,7 +222,7 @@ def fidelity_rows(bench) -> list[dict]:
     return rows
 
 
-def markdown(cells, checks, fidelity, seconds, budget="the task config's") -> str:
+def markdown(cells, checks, fidelity, seconds, budget="the task configs'") -> str:
     lines = ["# Searched, transferred and uniform strategies on the backbones (Table 6)", "",
              f"Stand-alone budget: {budget} epochs. "
              f"Video top-1 % ({PROTOCOL}), mean +- std over template seeds (each cell the mean "
@@ -326,7 +326,9 @@ def main():
     ap.add_argument("--fidelity_strategies", type=int, default=12)
     ap.add_argument("--no_fidelity", action="store_true")
     ap.add_argument("--generalize_epochs", type=int, default=0,
-                    help="stand-alone budget of every Table 6 network (0: the task config's, 8); "
+                    help="stand-alone budget of every Table 6 network (0: the task config's "
+                         "--generalize_epochs, else its --epochs: motion 8, appearance 20, "
+                         "fine motion 26); "
                          "another budget writes its own block and chart with --docs")
     ap.add_argument("--report_only", action="store_true", help="collect what is there, train nothing")
     ap.add_argument("--docs", action="store_true",
@@ -336,7 +338,8 @@ def main():
     bench = Bench(a.out, a.seeds, a.standalone_seeds, a.tasks.split(","), a.backbones.split(","),
                   a.fidelity_strategies, a.generalize_epochs)
     label = f"generalize_epochs={a.generalize_epochs}" if a.generalize_epochs else ""
-    budget = str(a.generalize_epochs) if a.generalize_epochs else "the task config's (8)"
+    budget = (str(a.generalize_epochs) if a.generalize_epochs
+              else "the task configs' (motion 8, appearance 20, fine motion 26)")
     if not a.report_only:
         bench.run(fidelity=not a.no_fidelity)
     cells = collect(bench)
