@@ -53,7 +53,8 @@ class BatchNorm(keras.layers.BatchNormalization):
     corrected here by (n-1)/n).  Keras' layer builds ~25 ops per call and ~25 more for
     their gradients; the fused op is one each way, which on the full template is
     ~9,000 fewer ops to trace and optimise (start-up time and the memory of the
-    graph) and a faster step (``docs/benchmarks.md``).  Synchronised, renormalised,
+    graph) and a faster step (``docs/benchmarks.md``); 5-D inputs run as 4-D, where
+    oneDNN takes over on CPU (``_as_4d``).  Synchronised, renormalised,
     masked or non-channels-last calls, and ranks other than 4 and 5, fall back to
     Keras' own computation.
     """
@@ -68,15 +69,15 @@ class BatchNorm(keras.layers.BatchNormalization):
     def call(self, inputs, training=None, mask=None):
         if not self._fusable(inputs, mask):
             return super().call(inputs, training=training, mask=mask)
-        fmt = "NDHWC" if len(inputs.shape) == 5 else "NHWC"
         channels = inputs.shape[-1]
+        inputs, shape5 = _as_4d(inputs)
         gamma = (tf.cast(self.gamma, tf.float32) if self.scale else tf.ones([channels]))
         beta = (tf.cast(self.beta, tf.float32) if self.center else tf.zeros([channels]))
         x = tf.cast(inputs, self.compute_dtype)  # no op when it already is
         if training and self.trainable:
             y, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
                 x=x, scale=gamma, offset=beta, mean=tf.zeros([0]), variance=tf.zeros([0]),
-                epsilon=self.epsilon, exponential_avg_factor=1.0, data_format=fmt,
+                epsilon=self.epsilon, exponential_avg_factor=1.0, data_format="NHWC",
                 is_training=True)
             n = x.shape[:-1].num_elements()
             if n is None:
@@ -92,8 +93,23 @@ class BatchNorm(keras.layers.BatchNormalization):
             y = tf.raw_ops.FusedBatchNormV3(
                 x=x, scale=gamma, offset=beta, mean=tf.cast(self.moving_mean, tf.float32),
                 variance=tf.cast(self.moving_variance, tf.float32), epsilon=self.epsilon,
-                data_format=fmt, is_training=False)[0]
-        return y
+                data_format="NHWC", is_training=False)[0]
+        return y if shape5 is None else tf.reshape(y, shape5)
+
+
+def _as_4d(x):
+    """(N,D*H,W,C view of a 5-D x, the shape to restore) or (x, None).
+
+    Per-channel statistics do not see how the other axes are laid out, and oneDNN's
+    layout pass rewrites only the 4-D FusedBatchNormV3 and its gradient: ~2x faster than
+    the Eigen kernels of the 5-D op on CPU (docs/benchmarks.md).  The reshape is free."""
+    if len(x.shape) != 5:
+        return x, None
+    if None in x.shape[1:]:
+        shape = tf.shape(x)
+        return tf.reshape(x, tf.stack([-1, shape[1] * shape[2], shape[3], shape[4]])), shape
+    _, d, h, w, c = x.shape
+    return tf.reshape(x, [-1, d * h, w, c]), [-1, d, h, w, c]
 
 
 def _assign_sub(variable, delta) -> None:
