@@ -264,3 +264,63 @@ def test_prior_weight_term_is_a_price_per_kept_parameter_whatever_the_kernel_sca
     assert float(norm.regularization()) > 10 * float(_gate("code", "path", p, k, n).regularization())
     with pytest.raises(ValueError, match="valid values: norm, prior"):
         G.VariationalDropPath(keras.layers.Dense(2), weight_term="he")
+
+
+@pytest.mark.parametrize("regularizer,weight_term", [("code", "norm"), ("paper", "prior")])
+def test_gate_bank_is_every_gates_own_draw_and_regulariser(regularizer, weight_term):
+    """``draw_bank`` (what a template's training call uses) draws each gate's
+    RelaxedBernoulli(temperature, logits=p_logit) as 1 - d, holds a fixed gate's mask,
+    is 1 in warm-up, and its regulariser is the sum of the gates' own."""
+    import tensorflow_probability as tfp
+    gates = []
+    for p, temperature in ((0.2, 0.5), (0.6, 0.2), (0.4, 0.3)):
+        g = G.VariationalDropPath(keras.layers.Conv3D(2, (3, 1, 1), use_bias=False),
+                                  init_drop_rate=p, temperature=temperature, length_scale=5.0,
+                                  dataset_size=40, regularizer=regularizer,
+                                  weight_term=weight_term)
+        g.build((None, 3, 2, 2, 4))
+        gates.append(g)
+    gates[2].inference_mode.assign(G.INFERENCE_MODES.index("mask"))  # a fixed strategy
+    gates[2].mask.assign(0.0)
+    tf.random.set_seed(0)
+    factors, reg = G.draw_bank(gates, 200000)
+    q = np.linspace(0.05, 0.95, 19)
+    for g in gates[:2]:
+        d = 1.0 - factors[id(g)].numpy()
+        ref = tfp.distributions.RelaxedBernoulli(g.temperature, logits=float(g.p_logit)).sample(
+            200000, seed=5).numpy()
+        np.testing.assert_allclose(np.quantile(d, q), np.quantile(ref, q), atol=0.02)
+    np.testing.assert_array_equal(factors[id(gates[2])].numpy(), 0.0)
+    own = sum(float(g.regularization()) for g in gates[:2])  # the fixed gate has none
+    assert float(reg) == pytest.approx(own, rel=1e-5)
+
+    G.set_enabled(gates, False)  # warm-up: identity, no regulariser; the mask still holds
+    factors, reg = G.draw_bank(gates, 8)
+    for g in gates[:2]:
+        np.testing.assert_array_equal(factors[id(g)].numpy(), 1.0)
+    np.testing.assert_array_equal(factors[id(gates[2])].numpy(), 0.0)
+    assert float(reg) == 0.0
+
+
+def test_template_training_call_draws_its_path_gates_once():
+    """A template's training call draws all its path gates in one bank: one uniform draw
+    for them (and one for the per-feature head gate), one regulariser, the same loss as
+    the gates' own regularisers."""
+    model = T.build_template(T.preset("tiny", block_config=(2, 2)), 4,
+                             T.GateConfig(dataset_size=100, length_scale=10.0))
+    gates = G.gate_layers(model)
+    G.set_enabled(gates, True)
+    x = tf.random.uniform((2, 8, 32, 32, 3), 0, 255, seed=1)
+
+    @tf.function
+    def fn(t):
+        model(t, training=True)
+        return len(model.losses), tf.add_n(model.losses)
+
+    graph = fn.get_concrete_function(x).graph
+    draws = [op for op in graph.get_operations() if op.type == "RandomUniform"]
+    assert len(draws) == 2, len(draws)
+    count, total = fn(x)
+    assert int(count) == 2  # the bank's and the head gate's
+    own = sum(float(g.regularization()) for g in gates)
+    assert float(total) == pytest.approx(own, rel=1e-5)

@@ -30,13 +30,14 @@ from __future__ import annotations
 import dataclasses
 
 import keras
+import tensorflow as tf
 
 from stfusion_tf.errors import UserError
 from stfusion_tf.model import memory
 from stfusion_tf.model.dropout import PhaseDropout
 from stfusion_tf.model.fusion import FusionUnit
-from stfusion_tf.model.gates import (GateConfig, VariationalDropPath, gate_layers,  # noqa: F401
-                                     set_inference_mode)
+from stfusion_tf.model.gates import (GateConfig, VariationalDropPath, bankable,  # noqa: F401
+                                     banked, draw_bank, gate_layers, set_inference_mode)
 from stfusion_tf.model.normalization import BatchNorm, PixelNormalization
 from stfusion_tf.model.layers3d import TEMPORAL_PADDINGS, Pad3D
 from stfusion_tf.model.strategy import FusionStrategy
@@ -268,6 +269,18 @@ class Template(keras.Model):
         self.memory_efficient = bool(memory_efficient)
 
     def call(self, inputs, training=None, mask=None):
+        gates = bankable(gate_layers(self)) if training else []
+        if not gates:
+            return self._run(inputs, training, mask)
+        # Every path gate's relaxed draw and regulariser at once (``gates.draw_bank``);
+        # the gates read their column.  Same distribution and loss as per-gate draws.
+        batch = inputs.shape[0] if inputs.shape[0] is not None else tf.shape(inputs)[0]
+        factors, reg = draw_bank(gates, batch)
+        keras.layers.Layer.add_loss(self, reg)  # Functional's add_loss is symbolic-only
+        with banked(factors):
+            return self._run(inputs, training, mask)
+
+    def _run(self, inputs, training, mask):
         if training and self.memory_efficient:
             return memory.run(self, inputs, training)
         return super().call(inputs, training=training, mask=mask)
