@@ -37,6 +37,11 @@ paid for by the data; kernels get no decay from this form.
 The relaxed sample is TFP's ``RelaxedBernoulli`` (``StableRelaxedBernoulli``:
 the same distribution with a sample whose gradient stays finite at any logit).
 
+In a template's training call the path gates are drawn together (``draw_bank``,
+opened by ``Template.call``): the same per-gate variables, distribution and
+regulariser, computed on vectors, so the training graph holds one draw and one
+regulariser instead of one sub-graph per gate (full template: 23,066 -> 15,229 ops).
+
 State lives in non-trainable variables, so switching mode or mask never
 rebuilds or retraces a compiled function:
 

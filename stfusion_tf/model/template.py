@@ -276,9 +276,14 @@ class Template(keras.Model):
         # the gates read their column.  Same distribution and loss as per-gate draws.
         batch = inputs.shape[0] if inputs.shape[0] is not None else tf.shape(inputs)[0]
         factors, reg = draw_bank(gates, batch)
-        keras.layers.Layer.add_loss(self, reg)  # Functional's add_loss is symbolic-only
         with banked(factors):
-            return self._run(inputs, training, mask)
+            outputs = self._run(inputs, training, mask)
+        # Added after the forward pass: under MirroredStrategy the replicas' threads take
+        # turns at synchronised BN's all-reduce, and a replica entering the model clears
+        # its losses, so a loss added before that would be dropped from this replica's
+        # (tests/test_distributed.py).  Functional's own add_loss is symbolic-only.
+        keras.layers.Layer.add_loss(self, reg)
+        return outputs
 
     def _run(self, inputs, training, mask):
         if training and self.memory_efficient:
