@@ -266,7 +266,8 @@ def test_prior_weight_term_is_a_price_per_kept_parameter_whatever_the_kernel_sca
         G.VariationalDropPath(keras.layers.Dense(2), weight_term="he")
 
 
-@pytest.mark.parametrize("regularizer,weight_term", [("code", "norm"), ("paper", "prior")])
+@pytest.mark.parametrize("regularizer,weight_term", [("code", "norm"), ("paper", "prior"),
+                                                     ("code", "mixed")])
 def test_gate_bank_is_every_gates_own_draw_and_regulariser(regularizer, weight_term):
     """``draw_bank`` (what a template's training call uses) draws each gate's
     RelaxedBernoulli(temperature, logits=p_logit) as 1 - d, holds a fixed gate's mask,
@@ -277,7 +278,8 @@ def test_gate_bank_is_every_gates_own_draw_and_regulariser(regularizer, weight_t
         g = G.VariationalDropPath(keras.layers.Conv3D(2, (3, 1, 1), use_bias=False),
                                   init_drop_rate=p, temperature=temperature, length_scale=5.0,
                                   dataset_size=40, regularizer=regularizer,
-                                  weight_term=weight_term)
+                                  weight_term=("prior" if p == 0.6 else "norm")
+                                  if weight_term == "mixed" else weight_term)
         g.build((None, 3, 2, 2, 4))
         gates.append(g)
     gates[2].inference_mode.assign(G.INFERENCE_MODES.index("mask"))  # a fixed strategy
@@ -300,6 +302,28 @@ def test_gate_bank_is_every_gates_own_draw_and_regulariser(regularizer, weight_t
         np.testing.assert_array_equal(factors[id(g)].numpy(), 1.0)
     np.testing.assert_array_equal(factors[id(gates[2])].numpy(), 0.0)
     assert float(reg) == 0.0
+
+
+def test_gate_bank_reads_kernels_in_float32_under_a_mixed_policy():
+    """The gates read their kernel in float32 (no autocast); the bank, drawn inside the
+    template's call, must too: the same regulariser to float32 rounding."""
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = T.build_template(T.preset("tiny", block_config=(2, 2)), 4,
+                                 T.GateConfig(dataset_size=100, length_scale=10.0))
+        gates = G.gate_layers(model)
+        G.set_enabled(gates, True)
+        x = tf.random.uniform((2, 8, 32, 32, 3), 0, 255, seed=1)
+
+        @tf.function
+        def fn(t):
+            model(t, training=True)
+            return tf.add_n(model.losses)
+
+        own = sum(float(g.regularization()) for g in gates)
+        assert float(fn(x)) == pytest.approx(own, rel=1e-6)  # bfloat16 kernels: ~8e-6 off
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
 
 
 def test_template_training_call_draws_its_path_gates_once():

@@ -418,6 +418,13 @@ def draw_bank(gates, batch) -> tuple[dict, tf.Tensor]:
     to trace and optimise (first step, and the memory of the graph).
     Returns ({id(gate): factor [B]}, regulariser scalar).
     """
+    # Kernels read in float32 as the gates read them (autocast=False); a template's call
+    # under a mixed policy would otherwise hand them over in bfloat16/float16.
+    with keras.src.backend.AutocastScope(None):
+        return _draw_bank(gates, batch)
+
+
+def _draw_bank(gates, batch):
     def stack(name, dtype):
         return tf.stack([tf.cast(tf.convert_to_tensor(getattr(g, name)), dtype) for g in gates])
 
@@ -444,8 +451,8 @@ def draw_bank(gates, batch) -> tuple[dict, tf.Tensor]:
         weight = _vector(price * np.array([g._prior_squared_norm() for g in gates]))
     else:
         weight = tf.stack([
-            tf.constant(price[i] * g._prior_squared_norm()) if prior[i]
-            else price[i] * g.squared_norm() for i, g in enumerate(gates)])
+            tf.constant(price[i] * g._prior_squared_norm(), tf.float32) if prior[i]
+            else float(price[i]) * g.squared_norm() for i, g in enumerate(gates)])
     entropy = p * logit - tf.math.softplus(logit)  # code form: p log p + (1-p) log(1-p)
     if not code.all():  # paper form: p log p = p (l - softplus(l))
         paper = p * (logit - tf.math.softplus(logit))
