@@ -304,24 +304,30 @@ def test_gate_bank_is_every_gates_own_draw_and_regulariser(regularizer, weight_t
     assert float(reg) == 0.0
 
 
+def _gated_training_call():
+    """(gates, clip, fn) of a tiny template with its gates on; fn(x) runs a training call
+    and returns (number of losses, their sum)."""
+    model = T.build_template(T.preset("tiny", block_config=(2, 2)), 4,
+                             T.GateConfig(dataset_size=100, length_scale=10.0))
+    gates = G.gate_layers(model)
+    G.set_enabled(gates, True)
+
+    @tf.function
+    def fn(t):
+        model(t, training=True)
+        return len(model.losses), tf.add_n(model.losses)
+
+    return gates, tf.random.uniform((2, 8, 32, 32, 3), 0, 255, seed=1), fn
+
+
 def test_gate_bank_reads_kernels_in_float32_under_a_mixed_policy():
     """The gates read their kernel in float32 (no autocast); the bank, drawn inside the
     template's call, must too: the same regulariser to float32 rounding."""
     keras.mixed_precision.set_global_policy("mixed_bfloat16")
     try:
-        model = T.build_template(T.preset("tiny", block_config=(2, 2)), 4,
-                                 T.GateConfig(dataset_size=100, length_scale=10.0))
-        gates = G.gate_layers(model)
-        G.set_enabled(gates, True)
-        x = tf.random.uniform((2, 8, 32, 32, 3), 0, 255, seed=1)
-
-        @tf.function
-        def fn(t):
-            model(t, training=True)
-            return tf.add_n(model.losses)
-
+        gates, x, fn = _gated_training_call()
         own = sum(float(g.regularization()) for g in gates)
-        assert float(fn(x)) == pytest.approx(own, rel=1e-6)  # bfloat16 kernels: ~8e-6 off
+        assert float(fn(x)[1]) == pytest.approx(own, rel=1e-6)  # bfloat16 kernels: ~8e-6 off
     finally:
         keras.mixed_precision.set_global_policy("float32")
 
@@ -330,17 +336,7 @@ def test_template_training_call_draws_its_path_gates_once():
     """A template's training call draws all its path gates in one bank: one uniform draw
     for them (and one for the per-feature head gate), one regulariser, the same loss as
     the gates' own regularisers."""
-    model = T.build_template(T.preset("tiny", block_config=(2, 2)), 4,
-                             T.GateConfig(dataset_size=100, length_scale=10.0))
-    gates = G.gate_layers(model)
-    G.set_enabled(gates, True)
-    x = tf.random.uniform((2, 8, 32, 32, 3), 0, 255, seed=1)
-
-    @tf.function
-    def fn(t):
-        model(t, training=True)
-        return len(model.losses), tf.add_n(model.losses)
-
+    gates, x, fn = _gated_training_call()
     graph = fn.get_concrete_function(x).graph
     draws = [op for op in graph.get_operations() if op.type == "RandomUniform"]
     assert len(draws) == 2, len(draws)

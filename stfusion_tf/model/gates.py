@@ -108,6 +108,36 @@ def concrete_logit(logits, u, temperature):
     return (logits + tf.math.log(u) - tf.math.log1p(-u)) * (1.0 / temperature)
 
 
+def _relaxed_keep(shape, logit, temperature):
+    """1 - d for d ~ RelaxedBernoulli(temperature, logits) drawn from one uniform
+    (1 - sigmoid(z) = sigmoid(-z)); ``logit``/``temperature`` broadcast against ``shape``."""
+    u = tf.maximum(tf.random.uniform(shape), _TINY)
+    return tf.sigmoid(-concrete_logit(logit, u, temperature))
+
+
+def _training_mix(enabled, mode, mask):
+    """(variational, rest): a gate's training factor is keep * variational + rest.
+
+    keep * 1 + 0 (variational), keep * 0 + mask (a fixed strategy, mask mode, which also
+    holds in training: fine-tuning or re-calibrating BatchNorm of one sub-network, no
+    regulariser), keep * 0 + 1 (warm-up): exact in each case; one broadcast multiply-add
+    instead of two [B,1,..] selects, whose gradients were ~30 of a gate's ~140 ops.  The
+    regulariser is finite at any logit, so scaling it by 0 is 0.  Scalars or vectors
+    (``enabled`` boolean)."""
+    fixed = tf.equal(mode, 1)
+    variational = tf.cast(tf.logical_and(enabled, tf.logical_not(fixed)), tf.float32)
+    return variational, tf.where(fixed, mask, 1.0 - variational)
+
+
+def _entropy(p, logit, code: bool):
+    """The regulariser's entropy term in the logit l, exact and finite at any l:
+    log p = l - softplus(l), log(1 - p) = -softplus(l).  ``code``:
+    p log p + (1-p) log(1-p) = p l - softplus(l); the paper's: p log p."""
+    if code:
+        return p * logit - tf.math.softplus(logit)
+    return p * (logit - tf.math.softplus(logit))
+
+
 def _check_choice(name, value, choices):
     if value not in choices:
         raise UserError(f"{name}={value!r}; valid values: {', '.join(choices)}")
@@ -227,20 +257,22 @@ class VariationalDropPath(keras.layers.Wrapper):
         the drop rate and its logit if the caller already has them (one read per step)."""
         logit = tf.convert_to_tensor(self.p_logit) if logit is None else logit
         p = tf.sigmoid(logit) if p is None else p
-        n = float(self.dataset_size)
-        k = self.length_scale
+        weight_term = (1.0 - p) * self._weight_cost()
+        entropy = _entropy(p, logit, self.regularizer == "code")
+        return weight_term + entropy * self._entropy_scale()
+
+    def _weight_cost(self):
+        """price * ||W||^2 of the weight term; under the prior ||W||^2 is a number, so this
+        is a Python float (one constant), else a float32 tensor."""
+        n, k = float(self.dataset_size), self.length_scale
         price = k / n if self.regularizer == "code" else (k * k) / (2.0 * n)
-        # Under the prior, ||W||^2 is a number: price * ||W||^2 folds into one constant.
-        sq = self._prior_squared_norm() if self.weight_term == "prior" else self.squared_norm()
-        weight_term = (1.0 - p) * (price * sq)
-        # Written in the logit l, exact and finite at any l: log p = l - softplus(l) and
-        # log(1 - p) = -softplus(l), so p log p + (1-p) log(1-p) = p l - softplus(l).
-        if self.regularizer == "code":
-            entropy = p * logit - tf.math.softplus(logit)
-        else:
-            entropy = p * (logit - tf.math.softplus(logit))
-        scale = (float(self._num_features) if self.noise == "feature" else 1.0) / n
-        return weight_term + entropy * scale
+        if self.weight_term == "prior":
+            return price * self._prior_squared_norm()
+        return price * self.squared_norm()
+
+    def _entropy_scale(self) -> float:
+        return (float(self._num_features) if self.noise == "feature" else 1.0) / float(
+            self.dataset_size)
 
     # -- forward --------------------------------------------------------------
     def _noise_shape(self, x):
@@ -263,8 +295,7 @@ class VariationalDropPath(keras.layers.Wrapper):
         # 1 - d for d ~ RelaxedBernoulli(temperature, logits) drawn from one uniform u
         # (1 - sigmoid(z) = sigmoid(-z)): TFP's sample() adds ~45 shape and seed ops per
         # gate (x 122 gates in the full template).
-        u = tf.maximum(tf.random.uniform(shape), _TINY)
-        keep = tf.sigmoid(-concrete_logit(logit, u, self.temperature))
+        keep = _relaxed_keep(shape, logit, self.temperature)
         return keep / (1.0 - p) if self.rescale else keep
 
     def _hard(self, shape, p):
@@ -296,15 +327,7 @@ class VariationalDropPath(keras.layers.Wrapper):
         # the full template's first training step twice as slow to build and optimise and
         # its float32 process peak 5.43 GB instead of 4.30 (benchmarks/train_step.py).
         if training:
-            # A fixed strategy (mask mode) also holds in training: fine-tuning or
-            # re-calibrating BatchNorm of one sub-network, with no regulariser.
-            fixed = tf.equal(mode, 1)
-            variational = tf.cast(tf.logical_and(enabled, tf.logical_not(fixed)), tf.float32)
-            # keep * 1 + 0 (variational), keep * 0 + mask (fixed), keep * 0 + 1 (warm-up):
-            # exact in each case; one broadcast multiply-add instead of two [B,1,..]
-            # selects, whose gradients were ~30 of a gate's ~140 ops.  The regulariser is
-            # finite at any logit, so scaling it by 0 is 0.
-            rest = tf.where(fixed, mask, 1.0 - variational)
+            variational, rest = _training_mix(enabled, mode, mask)
             factor = self._relaxed(shape, logit, p) * variational + rest
             return factor, self.regularization(p, logit) * variational
         ones = tf.ones(shape)
@@ -430,33 +453,25 @@ def _draw_bank(gates, batch):
 
     logit = stack("p_logit", tf.float32)
     p = tf.sigmoid(logit)
-    mode = stack("inference_mode", tf.int32)
-    fixed = tf.equal(mode, 1)
-    enabled = tf.equal(stack("enabled", tf.int32), 1)
-    variational = tf.cast(tf.logical_and(enabled, tf.logical_not(fixed)), tf.float32)
-    rest = tf.where(fixed, stack("mask", tf.float32), 1.0 - variational)
-    u = tf.maximum(tf.random.uniform([batch, len(gates)]), _TINY)
-    temperature = _vector([g.temperature for g in gates])
-    keep = tf.sigmoid(-concrete_logit(logit, u, temperature))
+    variational, rest = _training_mix(tf.equal(stack("enabled", tf.int32), 1),
+                                      stack("inference_mode", tf.int32),
+                                      stack("mask", tf.float32))
+    keep = _relaxed_keep([batch, len(gates)], logit, _vector([g.temperature for g in gates]))
     if any(g.rescale for g in gates):
         keep = keep / (1.0 - p * _vector([float(g.rescale) for g in gates]))
     factor = keep * variational + rest
 
-    n = np.array([float(g.dataset_size) for g in gates])
-    k = np.array([g.length_scale for g in gates])
-    code = np.array([g.regularizer == "code" for g in gates])
-    price = np.where(code, k / n, k * k / (2.0 * n))
-    prior = np.array([g.weight_term == "prior" for g in gates])
-    if prior.all():
-        weight = _vector(price * np.array([g._prior_squared_norm() for g in gates]))
+    costs = [g._weight_cost() for g in gates]
+    if all(isinstance(c, float) for c in costs):
+        weight = _vector(costs)
     else:
-        weight = tf.stack([
-            tf.constant(price[i] * g._prior_squared_norm(), tf.float32) if prior[i]
-            else float(price[i]) * g.squared_norm() for i, g in enumerate(gates)])
-    entropy = p * logit - tf.math.softplus(logit)  # code form: p log p + (1-p) log(1-p)
-    if not code.all():  # paper form: p log p = p (l - softplus(l))
-        paper = p * (logit - tf.math.softplus(logit))
-        entropy = tf.where(tf.constant(code), entropy, paper)
-    reg = tf.reduce_sum(variational * ((1.0 - p) * weight + entropy * _vector(1.0 / n)))
+        weight = tf.stack([tf.constant(c, tf.float32) if isinstance(c, float) else c
+                           for c in costs])
+    code = np.array([g.regularizer == "code" for g in gates])
+    entropy = _entropy(p, logit, code.all())
+    if code.any() and not code.all():
+        entropy = tf.where(tf.constant(code), _entropy(p, logit, True), entropy)
+    scale = _vector([g._entropy_scale() for g in gates])
+    reg = tf.reduce_sum(variational * ((1.0 - p) * weight + entropy * scale))
     columns = tf.unstack(factor, axis=1)
     return {id(g): c for g, c in zip(gates, columns)}, reg
