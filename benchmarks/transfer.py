@@ -56,14 +56,16 @@ TASKS = {"motion": "synthetic_motion", "appearance": "synthetic_appearance",
 BACKBONES = ("resnet_tiny", "mobilenetv2_tiny")
 SPECS = ("searched", "opt", "opt_depth", "paper", "S", "ST", "S+ST")
 UNIFORM = ("S", "ST", "S+ST")
+# Two-sided 95% Student-t quantiles by degrees of freedom (paired gaps over template seeds).
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 PROTOCOL = "video top-1 on test, 8 frames x 1 clip x 1 centre crop of 32x32"
 
 
 class Bench:
     def __init__(self, out, seeds, standalone_seeds, tasks, backbones, fidelity_strategies,
-                 generalize_epochs=0):
+                 generalize_epochs=0, weight_term="", specs=SPECS):
         self.out, self.seeds, self.standalone_seeds = out, seeds, standalone_seeds
-        self.generalize_epochs = generalize_epochs
+        self.generalize_epochs, self.weight_term, self.specs = generalize_epochs, weight_term, specs
         self.tasks, self.backbones, self.fidelity_strategies = tasks, backbones, fidelity_strategies
         os.makedirs(os.path.join(out, "logs"), exist_ok=True)
 
@@ -90,7 +92,8 @@ class Bench:
         for seed in range(self.seeds):
             for task in self.tasks:
                 run = self.run_dir(task, seed)
-                base = [*self.common(task), f"--model_dir={run}", f"--seed={seed}", "--backbones="]
+                base = [*self.common(task), f"--model_dir={run}", f"--seed={seed}", "--backbones=",
+                        *([f"--weight_term={self.weight_term}"] if self.weight_term else [])]
                 self._step(f"{task}_{seed}_train", os.path.join(run, "train_summary.json"),
                            [*base, "--mode=train"])
                 self._step(f"{task}_{seed}_analyze", os.path.join(run, "analysis", "summary.json"),
@@ -98,7 +101,7 @@ class Bench:
                 self._step(f"{task}_{seed}_generalize", self._table_done(run),
                            [f"--model_dir={run}", "--mode=generalize", "--progress=0",
                             f"--backbones={','.join(self.backbones)}",
-                            f"--backbone_strategies={','.join(SPECS)}",
+                            f"--backbone_strategies={','.join(self.specs)}",
                             f"--generalize_seeds={self.standalone_seeds}",
                             *([f"--generalize_epochs={self.generalize_epochs}"]
                               if self.generalize_epochs else [])])
@@ -117,7 +120,7 @@ class Bench:
         if not os.path.exists(path):
             return path
         cells = {(c["backbone"], c["spec"]) for c in _read(path)["cells"]}
-        want = {(b, s) for b in self.backbones for s in SPECS}
+        want = {(b, s) for b in self.backbones for s in self.specs}
         return path if want <= cells else path + ".incomplete"
 
 
@@ -136,8 +139,10 @@ def collect(bench) -> dict:
                 continue
             for c in _read(path)["cells"]:
                 cell = out.setdefault(task, {}).setdefault(c["backbone"], {}).setdefault(
-                    c["spec"], {"seeds": [], "codes": [], "macs": [], "train_std": []})
+                    c["spec"], {"seeds": [], "seed_ids": [], "codes": [], "macs": [],
+                                "train_std": []})
                 cell["seeds"].append(c["video_top1"])
+                cell["seed_ids"].append(seed)
                 cell["train_std"].append(c.get("video_top1_std") or 0.0)
                 cell["codes"].append(c.get("code"))
                 cell["macs"].append(c.get("macs"))
@@ -171,35 +176,64 @@ def _t_profile(codes) -> dict | None:
             "upper_minus_lower": float(np.mean(highs) - np.mean(lows))}
 
 
+def paired_gap(a: dict, b: dict) -> dict | None:
+    """a - b per template seed (both cells from the same template seed's run), with the
+    95% t-interval of its mean: whether a miss is larger than the seed-to-seed noise.
+    Reported beside a target, never used to decide it."""
+    common = sorted(set(a["seed_ids"]) & set(b["seed_ids"]))
+    if len(common) < 2:
+        return None
+    d = np.array([a["seeds"][a["seed_ids"].index(s)] - b["seeds"][b["seed_ids"].index(s)]
+                  for s in common], float)
+    half = T95[len(d) - 1] * d.std(ddof=1) / np.sqrt(len(d)) if len(d) - 1 in T95 else None
+    return {"mean": float(d.mean()), "per_seed": d.tolist(), "n": len(d),
+            "ci95": None if half is None else [float(d.mean() - half), float(d.mean() + half)]}
+
+
+def _gap_text(gap: dict | None, name: str) -> str:
+    if not gap or not gap["ci95"]:
+        return ""
+    lo, hi = gap["ci95"]
+    return (f"; {name} per template seed {100 * gap['mean']:+.1f} "
+            f"(95% CI {100 * lo:+.1f} to {100 * hi:+.1f}, n={gap['n']})")
+
+
 def targets(cells) -> list[dict]:
     rows = []
 
-    def add(task, backbone, name, held, detail):
+    def add(task, backbone, name, held, detail, gap=None):
         rows.append({"task": task, "backbone": backbone, "target": name,
-                     "held": None if held is None else bool(held), "detail": detail})
+                     "held": None if held is None else bool(held), "detail": detail,
+                     **({"paired_gap": gap} if gap else {})})
 
     for backbone in BACKBONES:
         m = cells.get("motion", {}).get(backbone, {})
         if all(k in m for k in ("searched", "opt", *UNIFORM)):
             best = max(UNIFORM, key=lambda u: m[u]["mean"])
             b = m[best]
+            gap = paired_gap(m["searched"], b)
             add("motion", backbone, "searched >= best uniform - 1 sigma and >= S + 10",
                 m["searched"]["mean"] >= b["mean"] - b["std"]
                 and m["searched"]["mean"] >= m["S"]["mean"] + 0.10,
                 f"searched {100 * m['searched']['mean']:.1f}, best uniform {best} "
-                f"{100 * b['mean']:.1f} +- {100 * b['std']:.1f}, S {100 * m['S']['mean']:.1f}")
+                f"{100 * b['mean']:.1f} +- {100 * b['std']:.1f}, S {100 * m['S']['mean']:.1f}"
+                + _gap_text(gap, f"searched - {best}"), gap)
+            gap = paired_gap(m["opt"], b)
             add("motion", backbone, "opt (new rule) >= best uniform - 1 sigma",
                 m["opt"]["mean"] >= b["mean"] - b["std"],
                 f"opt {100 * m['opt']['mean']:.1f}, opt_depth "
-                f"{100 * m.get('opt_depth', {}).get('mean', float('nan')):.1f}")
+                f"{100 * m.get('opt_depth', {}).get('mean', float('nan')):.1f}"
+                + _gap_text(gap, f"opt - {best}"), gap)
         a = cells.get("appearance", {}).get(backbone, {})
         if "searched" in a and "S+ST" in a:
             f = a["S+ST"]
             ratio = (a["searched"]["mean_macs"] or 0) / max(f["mean_macs"] or 1, 1)
+            gap = paired_gap(a["searched"], f)
             add("appearance", backbone, "searched >= S+ST - 1 sigma at <= 0.8x its MACs",
                 a["searched"]["mean"] >= f["mean"] - f["std"] and ratio <= 0.8,
                 f"searched {100 * a['searched']['mean']:.1f} at {ratio:.2f}x MACs, S+ST "
-                f"{100 * f['mean']:.1f} +- {100 * f['std']:.1f}")
+                f"{100 * f['mean']:.1f} +- {100 * f['std']:.1f}"
+                + _gap_text(gap, "searched - S+ST"), gap)
         fm = cells.get("fine_motion", {}).get(backbone, {})
         if "searched" in fm:
             prof = _t_profile(fm["searched"]["codes"])
@@ -222,9 +256,10 @@ def fidelity_rows(bench) -> list[dict]:
     return rows
 
 
-def markdown(cells, checks, fidelity, seconds, budget="the task configs'") -> str:
+def markdown(cells, checks, fidelity, seconds, budget="the task configs'", weight_term="") -> str:
     lines = ["# Searched, transferred and uniform strategies on the backbones (Table 6)", "",
              f"Stand-alone budget: {budget} epochs. "
+             + (f"Templates' weight term: `{weight_term}`. " if weight_term else "") +
              f"Video top-1 % ({PROTOCOL}), mean +- std over template seeds (each cell the mean "
              "of its stand-alone training seeds; with one template seed, the std over its "
              "training seeds); GMACs per clip in brackets.", ""]
@@ -330,14 +365,24 @@ def main():
                          "--generalize_epochs, else its --epochs: motion 8, appearance 20, "
                          "fine motion 26); "
                          "another budget writes its own block and chart with --docs")
+    ap.add_argument("--weight_term", default="", choices=("", "norm", "prior", "compute"),
+                    help="the templates' weight term (default: the task config's, prior); "
+                         "another writes its own block, chart and results file with --docs")
+    ap.add_argument("--specs", default=",".join(SPECS),
+                    help="strategies trained stand-alone (a subset: fewer cells, same seeds)")
     ap.add_argument("--report_only", action="store_true", help="collect what is there, train nothing")
     ap.add_argument("--docs", action="store_true",
                     help="also write the table into docs/transfer.md's generated block, and its chart")
     a = ap.parse_args()
     t0 = time.time()
     bench = Bench(a.out, a.seeds, a.standalone_seeds, a.tasks.split(","), a.backbones.split(","),
-                  a.fidelity_strategies, a.generalize_epochs)
-    label = f"generalize_epochs={a.generalize_epochs}" if a.generalize_epochs else ""
+                  a.fidelity_strategies, a.generalize_epochs, a.weight_term,
+                  tuple(a.specs.split(",")))
+    unknown = set(bench.specs) - set(SPECS)
+    if unknown:
+        sys.exit(f"--specs: unknown {', '.join(sorted(unknown))}; valid: {', '.join(SPECS)}")
+    label = " ".join(x for x in (f"generalize_epochs={a.generalize_epochs}" if a.generalize_epochs
+                                 else "", f"weight_term={a.weight_term}" if a.weight_term else "") if x)
     budget = (str(a.generalize_epochs) if a.generalize_epochs
               else "the task configs' (motion 8, appearance 20, fine motion 26)")
     if not a.report_only:
@@ -346,18 +391,21 @@ def main():
     checks = targets(cells)
     fid = fidelity_rows(bench)
     report = {"protocol": PROTOCOL, "cost": "MACs per clip", "standalone_epochs": budget,
+              "weight_term": a.weight_term or "the task config's",
               "cells": cells, "targets": checks, "fidelity": fid,
               "seconds": None if a.report_only else round(time.time() - t0, 1)}
     from stfusion_tf import files
     files.write_json(os.path.join(a.out, "transfer.json"), report)
-    md = markdown(cells, checks, fid, None if a.report_only else time.time() - t0, budget)
+    md = markdown(cells, checks, fid, None if a.report_only else time.time() - t0, budget,
+                  a.weight_term)
     files.write_text(os.path.join(a.out, "transfer.md"), md)
     png = chart(cells)
     if png:
         files.write_text(os.path.join(a.out, "transfer.png"), png)
     if a.docs:
         # The report beside the docs: the run directories are scratch, this survives them.
-        suffix = f"_e{a.generalize_epochs}" if a.generalize_epochs else ""
+        suffix = (f"_e{a.generalize_epochs}" if a.generalize_epochs else "") + (
+            f"_{a.weight_term}" if a.weight_term else "")
         files.write_json(os.path.join(HERE, "results", f"transfer{suffix}.json"), report)
         img = f"transfer{suffix}.png"
         docs = os.path.join(ROOT, "docs", "transfer.md")

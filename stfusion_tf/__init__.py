@@ -29,6 +29,7 @@ _EXPORTS = {
     "BackboneConfig": "stfusion_tf.model.backbones",
     "TemplateGates": "stfusion_tf.model.template",
     "strategy_network": "stfusion_tf.model.template",
+    "assign_compute_prices": "stfusion_tf.analysis.cost",
     "marginals": "stfusion_tf.probability_space",
     "sample": "stfusion_tf.probability_space",
     "search": "stfusion_tf.probability_space",

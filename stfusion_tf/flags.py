@@ -161,7 +161,9 @@ flags.DEFINE_float("length_scale", 10.0, "Length-scale prior k of the regularise
 flags.DEFINE_enum("weight_term", "norm", WEIGHT_TERMS, "||W||^2 in the regulariser's weight "
                   "term: the kernel's as trained (norm: paper and code), or its expected value "
                   "under the weight prior, n_W/k^2 (prior: a price of 1/k nats per kept "
-                  "parameter, independent of the kernel scale that BatchNorm makes arbitrary).")
+                  "parameter, independent of the kernel scale that BatchNorm makes arbitrary), "
+                  "or the prior's total shared out by each branch's MACs per clip (compute: "
+                  "not the paper's; for a search that should cut compute).")
 # -- training (TrainConfig) and distribution -------------------------------------------------
 flags.DEFINE_integer("epochs", 6, "Total epochs (warm-up included).", lower_bound=1)
 flags.DEFINE_integer("warmup_epochs", 2, "Epochs without v-DropPath at the start.", lower_bound=0)

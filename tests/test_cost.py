@@ -4,6 +4,8 @@ import numpy as np
 import pytest
 
 from stfusion_tf.analysis import cost
+from stfusion_tf.errors import UserError
+from stfusion_tf.model import gates as G
 from stfusion_tf.model import backbones as B
 from stfusion_tf.model import template as T
 from stfusion_tf.model.strategy import FusionStrategy
@@ -99,3 +101,39 @@ def test_budget_pareto_and_best_within():
     png = cost.plot(rows, {"S": rows[4], "ST": rows[2], "S+ST": rows[3]}, budget_gmacs=2.5e-8,
                     opt_key="b")
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_compute_price_shares_the_priors_total_out_by_each_gates_macs():
+    # HAND's gated kernels, from the hand count above: (weights, MACs per clip).
+    hand = {"b1_l1_s_gate": (32, 256), "b1_l1_t_gate": (96, 768), "t1_s_gate": (32, 256),
+            "t1_t_gate": (96, 768), "b2_l1_s_gate": (32, 64), "b2_l1_t_gate": (96, 192),
+            "head_gate": (24, 24)}
+    weights, macs = sum(w for w, _ in hand.values()), sum(m for _, m in hand.values())
+    k, n = 2.0, 10
+    model = T.build_template(HAND, 3, gate=G.GateConfig(weight_term="compute", length_scale=k,
+                                                        dataset_size=n))
+    gates = {g.name: g for g in G.gate_layers(model)}
+    assert set(gates) == set(hand)
+    for name, (w, m) in hand.items():
+        want = weights * m / macs
+        assert gates[name].charged_weights == pytest.approx(want), name
+        # The prior would charge its own w: same total, shared by compute instead.
+        assert float(gates[name].squared_norm()) == pytest.approx(want / k ** 2)
+        p = float(gates[name].drop_rate)
+        entropy = p * np.log(p) + (1 - p) * np.log(1 - p)
+        scale = 8.0 if name == "head_gate" else 1.0  # per-feature gate: entropy per feature
+        assert float(gates[name].regularization()) == pytest.approx(
+            (1 - p) * (k / n) * want / k ** 2 + scale * entropy / n, rel=1e-5), name
+    # A saved template reloads with the same charges.
+    again = T.Template.from_config(model.get_config())
+    assert {g.name: g.charged_weights for g in G.gate_layers(again)} == pytest.approx(
+        {name: g.charged_weights for name, g in gates.items()})
+
+
+def test_compute_price_without_the_models_macs_says_how_to_get_them():
+    import keras
+    gate = G.VariationalDropPath(keras.layers.Conv3D(4, 1, use_bias=False), weight_term="compute",
+                                 length_scale=2.0, name="lone_gate")
+    gate.build((None, 2, 4, 4, 3))
+    with pytest.raises(UserError, match="lone_gate.*assign_compute_prices"):
+        gate.regularization()

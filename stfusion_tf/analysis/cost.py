@@ -173,6 +173,40 @@ def model_macs(model, input_shape=None) -> int:
     return int(total)
 
 
+def gate_macs(model, input_shape=None) -> dict:
+    """MACs per clip of the kernel behind each Variational DropPath gate of ``model``
+    (gate -> MACs), at ``input_shape`` (default: its training geometry)."""
+    from stfusion_tf.model.fusion import FusionUnit
+    from stfusion_tf.model.gates import VariationalDropPath
+    out = {}
+    for layer, size in _shape_probe(model, input_shape):
+        if isinstance(layer, FusionUnit):
+            out.update({g: _kernel_macs(conv, size) for *_, conv, g in layer.branches if g})
+        elif isinstance(layer, VariationalDropPath):
+            out[layer] = _kernel_macs(layer.layer, size)
+    return out
+
+
+def assign_compute_prices(model, input_shape=None) -> dict:
+    """``weight_term="compute"``: charge each such gate of ``model`` the gates' total
+    weights times its share of their MACs per clip (the prior's total price, shared out
+    by compute).  Returns {gate name: charged weights}; {} without such gates."""
+    from stfusion_tf.model.gates import gate_layers
+    gates = [g for g in gate_layers(model) if g.weight_term == "compute"]
+    if not gates:
+        return {}
+    macs = gate_macs(model, input_shape)
+    missing = [g.name for g in gates if g not in macs]
+    if missing:
+        raise ValueError(f"weight_term=compute: no MACs found for {', '.join(missing)} (a gate "
+                         "outside a FusionUnit must wrap a top-level layer of the model)")
+    weights = sum(float(np.prod(g.layer.kernel.shape)) for g in gates)
+    total = float(sum(macs[g] for g in gates))
+    for g in gates:
+        g.charged_weights = weights * macs[g] / total
+    return {g.name: g.charged_weights for g in gates}
+
+
 def _params(layer) -> int:
     """Trainable parameters of a layer in the gate-free network (no drop logits)."""
     return int(sum(np.prod(w.shape) for w in layer.trainable_weights

@@ -33,6 +33,13 @@ whatever scale warm-up left behind: the L0 / minimum-description-length
 reading of the same prior.  A 3x1x1 (T) branch has three times the weights of
 a 1x1x1 (S) branch, so temporal modelling costs three times as much and must be
 paid for by the data; kernels get no decay from this form.
+``"compute"``: the prior's price, but shared out by compute instead of parameters:
+each gate is charged the template's total n_W / k^2 times its kernel's share of
+the gated MACs per clip (``analysis.cost.assign_compute_prices``, run by
+``Template`` at its training geometry).  The total pressure is the prior's; a
+branch at high resolution (many MACs for few weights) costs more, a low-resolution
+one less.  This project's extension, not the paper's objective: for a search
+whose network should be cheap to run rather than small to store.
 
 The relaxed sample is TFP's ``RelaxedBernoulli`` (``StableRelaxedBernoulli``:
 the same distribution with a sample whose gradient stays finite at any logit).
@@ -72,7 +79,7 @@ from stfusion_tf.errors import UserError
 
 INFERENCE_MODES = ("expected", "mask", "sample", "identity")
 REGULARIZERS = ("code", "paper")
-WEIGHT_TERMS = ("norm", "prior")
+WEIGHT_TERMS = ("norm", "prior", "compute")
 NOISE_SHAPES = ("path", "feature")
 _EPS = 1e-7
 _TINY = float(np.finfo(np.float32).tiny)
@@ -157,8 +164,9 @@ def check_gate_args(init_drop_rate, temperature, regularizer, length_scale, data
         raise UserError(f"dataset_size must be >= 1, got {dataset_size}")
     _check_choice("regularizer", regularizer, REGULARIZERS)
     _check_choice("weight_term", weight_term, WEIGHT_TERMS)
-    if weight_term == "prior" and length_scale <= 0:
-        raise UserError("weight_term=prior needs length_scale > 0 (its prior is N(0, I/k^2))")
+    if weight_term in ("prior", "compute") and length_scale <= 0:
+        raise UserError(f"weight_term={weight_term} needs length_scale > 0 (its prior is "
+                        "N(0, I/k^2))")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,12 +205,14 @@ class VariationalDropPath(keras.layers.Wrapper):
       regularizer: ``"code"`` or ``"paper"`` (see module docstring).
       length_scale: k, the length-scale prior.
       dataset_size: N, the number of training examples.
-      weight_term: ``"norm"`` or ``"prior"`` (see module docstring).
+      weight_term: ``"norm"``, ``"prior"`` or ``"compute"`` (see module docstring).
+      charged_weights: under ``"compute"``, the number of weights this gate is charged
+        for (set by ``analysis.cost.assign_compute_prices``).
     """
 
     def __init__(self, layer, init_drop_rate=0.1, temperature=0.2, rescale=False,
                  noise="path", regularizer="code", length_scale=1.0,
-                 dataset_size=1, weight_term="norm", **kwargs):
+                 dataset_size=1, weight_term="norm", charged_weights=None, **kwargs):
         # No autocast: under a mixed precision policy the drop logits, the relaxed
         # sample and the regulariser (which reads the kernel) stay float32; the
         # wrapped layer still computes in the policy's compute dtype.
@@ -211,6 +221,7 @@ class VariationalDropPath(keras.layers.Wrapper):
         check_gate_args(init_drop_rate, temperature, regularizer, length_scale, dataset_size,
                         weight_term)
         self.weight_term = weight_term
+        self.charged_weights = None if charged_weights is None else float(charged_weights)
         self.init_drop_rate = float(init_drop_rate)
         self.temperature = float(temperature)
         self.rescale = bool(rescale)
@@ -244,13 +255,22 @@ class VariationalDropPath(keras.layers.Wrapper):
         return tf.sigmoid(tf.convert_to_tensor(self.p_logit))
 
     def squared_norm(self):
-        """||W||^2 of the weight term: the kernel's (``norm``) or n_W / k^2 (``prior``)."""
-        if self.weight_term == "prior":
+        """||W||^2 of the weight term: the kernel's (``norm``), n_W / k^2 (``prior``) or the
+        charged weights / k^2 (``compute``)."""
+        if self.weight_term != "norm":
             return tf.constant(self._prior_squared_norm())
         return tf.reduce_sum(tf.square(tf.cast(tf.convert_to_tensor(self.layer.kernel), tf.float32)))
 
     def _prior_squared_norm(self) -> float:
-        return float(np.prod(self.layer.kernel.shape)) / max(self.length_scale, _EPS) ** 2
+        if self.weight_term == "compute":
+            if self.charged_weights is None:
+                raise UserError(
+                    f"{self.name}: weight_term=compute needs the gates' MACs; build the model "
+                    "with sf.build_template or call sf.assign_compute_prices(model, clip_shape)")
+            n = self.charged_weights
+        else:
+            n = float(np.prod(self.layer.kernel.shape))
+        return n / max(self.length_scale, _EPS) ** 2
 
     def regularization(self, p=None, logit=None):
         """The variational regulariser of this gate (a scalar tensor); ``p`` / ``logit``:
@@ -266,7 +286,7 @@ class VariationalDropPath(keras.layers.Wrapper):
         is a Python float (one constant), else a float32 tensor."""
         n, k = float(self.dataset_size), self.length_scale
         price = k / n if self.regularizer == "code" else (k * k) / (2.0 * n)
-        if self.weight_term == "prior":
+        if self.weight_term != "norm":
             return price * self._prior_squared_norm()
         return price * self.squared_norm()
 
@@ -375,7 +395,7 @@ class VariationalDropPath(keras.layers.Wrapper):
             init_drop_rate=self.init_drop_rate, temperature=self.temperature,
             rescale=self.rescale, noise=self.noise, regularizer=self.regularizer,
             length_scale=self.length_scale, dataset_size=self.dataset_size,
-            weight_term=self.weight_term)
+            weight_term=self.weight_term, charged_weights=self.charged_weights)
         return config
 
 

@@ -267,6 +267,9 @@ class Template(keras.Model):
         #: bottleneck in the backward pass (``model/memory.py``): same layers, weights
         #: and results, less memory.  Read when a call is traced: set it before compiling.
         self.memory_efficient = bool(memory_efficient)
+        if gate.weight_term == "compute" and strategy is None:
+            from stfusion_tf.analysis.cost import assign_compute_prices
+            assign_compute_prices(self)
 
     def call(self, inputs, training=None, mask=None):
         gates = bankable(gate_layers(self)) if training else []
