@@ -256,6 +256,9 @@ flags.DEFINE_list("backbone_strategies", ["opt", "S+ST", "S", "ST"], "Fusion str
                   "S+ST, a unit list per stage or position, or a FusionStrategy JSON path.")
 flags.DEFINE_list("searched_runs", [], "BACKBONE=MODEL_DIR,...: analysed template runs of those "
                   "backbones (--preset=BACKBONE) to take 'searched' from instead of training one.")
+flags.DEFINE_enum("searched_weight_term", None, WEIGHT_TERMS, "Weight term of the backbones' "
+                  "own templates that --mode=generalize trains for 'searched' (default: "
+                  "--weight_term). compute: their search prices MACs, not weights.")
 flags.DEFINE_enum("fusion_family", "auto", ("auto",) + FAMILIES, "Dataset family of "
                   "the paper's hand rules (auto: from --dataset).")
 flags.DEFINE_integer("generalize_epochs", 0, "Epochs of each --mode=generalize network (0: "
@@ -348,9 +351,14 @@ def template_config():
                       dropout=FLAGS.dropout)
 
 
-def gate_config(dataset_size: int = 1):
+def gate_config(dataset_size: int = 1, searched: bool = False):
+    """The gates' settings; ``searched``: of a backbone's own template trained for the
+    ``searched`` strategy (``--searched_weight_term``)."""
     from stfusion_tf.model import template as tpl
-    return _build(tpl.GateConfig, GATE_FLAGS, {"dataset_size": dataset_size})
+    config = _build(tpl.GateConfig, GATE_FLAGS, {"dataset_size": dataset_size})
+    if searched and FLAGS.searched_weight_term:
+        config = dataclasses.replace(config, weight_term=FLAGS.searched_weight_term)
+    return config
 
 
 def _epochs(name: str) -> tuple[int, ...]:

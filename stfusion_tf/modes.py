@@ -200,7 +200,7 @@ def _searched(name, data_dir, model_dir) -> str:
     print(f"[generalize] searching {name}: v-DropPath template in {run_dir}", flush=True)
 
     def model_fn(num_classes, num_train, sync):
-        return tpl.build_template(config, num_classes, cli.gate_config(num_train),
+        return tpl.build_template(config, num_classes, cli.gate_config(num_train, searched=True),
                                   synchronized_bn=sync)
     _train(model_fn, run_dir, data_dir, cli.train_config(), FLAGS.selection_split, quiet=True)
     try:

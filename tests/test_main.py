@@ -100,6 +100,7 @@ def test_flag_choices_are_the_library_tuples():
         "num_crops": tuple(str(n) for n in pipeline.NUM_CROPS),
         "regularizer": gates.REGULARIZERS,
         "weight_term": gates.WEIGHT_TERMS,
+        "searched_weight_term": gates.WEIGHT_TERMS,
         "optimizer": training.OPTIMIZERS,
         "gate_optimizer": training.GATE_OPTIMIZERS,
         "distribution": distribution.DISTRIBUTIONS,
