@@ -56,8 +56,6 @@ TASKS = {"motion": "synthetic_motion", "appearance": "synthetic_appearance",
 BACKBONES = ("resnet_tiny", "mobilenetv2_tiny")
 SPECS = ("searched", "opt", "opt_depth", "paper", "S", "ST", "S+ST")
 UNIFORM = ("S", "ST", "S+ST")
-# Two-sided 95% Student-t quantiles by degrees of freedom (paired gaps over template seeds).
-T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 PROTOCOL = "video top-1 on test, 8 frames x 1 clip x 1 centre crop of 32x32"
 
 
@@ -92,6 +90,7 @@ class Bench:
         for seed in range(self.seeds):
             for task in self.tasks:
                 run = self.run_dir(task, seed)
+                self.check_weight_term(run)
                 base = [*self.common(task), f"--model_dir={run}", f"--seed={seed}", "--backbones=",
                         *([f"--weight_term={self.weight_term}"] if self.weight_term else [])]
                 self._step(f"{task}_{seed}_train", os.path.join(run, "train_summary.json"),
@@ -114,6 +113,19 @@ class Bench:
                          f"--fidelity_strategies={self.fidelity_strategies}",
                          "--recalibrate_batches=16"])
 
+    def check_weight_term(self, run):
+        """Stop when ``run`` was trained with another weight term than asked for: its
+        steps would be skipped and its cells reported under the wrong label."""
+        from stfusion_tf import run_record
+        got = ((run_record.read(run) or {}).get("flags") or {}).get("weight_term")
+        want = self.weight_term or (None if got is None else _config_flag(self.task_of(run),
+                                                                          "weight_term"))
+        if got and want and got != want:
+            sys.exit(f"{run} was trained with --weight_term={got}, not {want}: give another --out")
+
+    def task_of(self, run):
+        return os.path.basename(os.path.dirname(run))
+
     def _table_done(self, run):
         """generalization.json once it holds every cell (else a marker that never exists)."""
         path = os.path.join(run, "analysis", "generalization.json")
@@ -122,6 +134,15 @@ class Bench:
         cells = {(c["backbone"], c["spec"]) for c in _read(path)["cells"]}
         want = {(b, s) for b in self.backbones for s in self.specs}
         return path if want <= cells else path + ".incomplete"
+
+
+def _config_flag(task, name):
+    """``--name`` in the task's config file (None when it does not set it)."""
+    with open(os.path.join(ROOT, "configs", f"{TASKS[task]}.flags")) as f:
+        for line in f:
+            if line.strip().startswith(f"--{name}="):
+                return line.strip().split("=", 1)[1]
+    return None
 
 
 def _read(path):
@@ -134,6 +155,7 @@ def collect(bench) -> dict:
     out = {}
     for task in bench.tasks:
         for seed in range(bench.seeds):
+            bench.check_weight_term(bench.run_dir(task, seed))
             path = os.path.join(bench.run_dir(task, seed), "analysis", "generalization.json")
             if not os.path.exists(path):
                 continue
@@ -185,13 +207,14 @@ def paired_gap(a: dict, b: dict) -> dict | None:
         return None
     d = np.array([a["seeds"][a["seed_ids"].index(s)] - b["seeds"][b["seed_ids"].index(s)]
                   for s in common], float)
-    half = T95[len(d) - 1] * d.std(ddof=1) / np.sqrt(len(d)) if len(d) - 1 in T95 else None
+    from scipy import stats
+    half = stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d))
     return {"mean": float(d.mean()), "per_seed": d.tolist(), "n": len(d),
-            "ci95": None if half is None else [float(d.mean() - half), float(d.mean() + half)]}
+            "ci95": [float(d.mean() - half), float(d.mean() + half)]}
 
 
 def _gap_text(gap: dict | None, name: str) -> str:
-    if not gap or not gap["ci95"]:
+    if not gap:
         return ""
     lo, hi = gap["ci95"]
     return (f"; {name} per template seed {100 * gap['mean']:+.1f} "

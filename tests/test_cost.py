@@ -137,3 +137,24 @@ def test_compute_price_without_the_models_macs_says_how_to_get_them():
     gate.build((None, 2, 4, 4, 3))
     with pytest.raises(UserError, match="lone_gate.*assign_compute_prices"):
         gate.regularization()
+
+
+def test_a_loaded_network_of_your_own_gets_its_compute_prices_again(tmp_path):
+    import keras
+    from stfusion_tf.analysis.cost import assign_compute_prices
+    from stfusion_tf.model.fusion import FusionUnit
+    gate = G.GateConfig(weight_term="compute", length_scale=2.0)
+    inputs = keras.Input((4, None, None, 3))
+    x = FusionUnit(8, gate=gate, key="u1", name="u1")(inputs)
+    x = keras.layers.MaxPooling3D((1, 2, 2))(x)
+    x = FusionUnit(16, gate=gate, key="u2", name="u2")(x)
+    model = keras.Model(inputs, keras.layers.GlobalAveragePooling3D()(x))
+    charged = assign_compute_prices(model, (4, 8, 8, 3))
+    # u2 runs on a quarter of u1's positions with twice its outputs and 8/3 its inputs.
+    assert charged["u2_t_gate"] / charged["u1_t_gate"] == pytest.approx(16 * 8 / (4 * 8 * 3))
+    model.save(tmp_path / "own.keras")
+    loaded = keras.models.load_model(tmp_path / "own.keras")
+    gates = {g.name: g for g in G.gate_layers(loaded)}
+    with pytest.raises(UserError, match="assign_compute_prices"):
+        gates["u1_t_gate"].regularization()
+    assert assign_compute_prices(loaded, (4, 8, 8, 3)) == pytest.approx(charged)

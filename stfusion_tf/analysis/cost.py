@@ -131,7 +131,8 @@ def _shape_probe(model, input_shape):
     from stfusion_tf.model.layers3d import DepthwiseConv3D
     shape = tuple(input_shape or input_geometry(model))
     if None in shape:
-        raise ValueError(f"{model.name} takes any frame size: give model_macs an input_shape")
+        raise ValueError(f"{model.name} takes any frame size: give an input_shape "
+                         "(frames, height, width, channels)")
     kinds = (keras.layers.Conv3D, DepthwiseConv3D, keras.layers.Dense, FusionUnit)
     layers = [l for l in model.layers
               if isinstance(l.layer if isinstance(l, VariationalDropPath) else l, kinds)]

@@ -207,7 +207,8 @@ class VariationalDropPath(keras.layers.Wrapper):
       dataset_size: N, the number of training examples.
       weight_term: ``"norm"``, ``"prior"`` or ``"compute"`` (see module docstring).
       charged_weights: under ``"compute"``, the number of weights this gate is charged
-        for (set by ``analysis.cost.assign_compute_prices``).
+        for (set by ``analysis.cost.assign_compute_prices``).  Not saved: a ``Template``
+        assigns it again when it is rebuilt; a network of your own, after loading.
     """
 
     def __init__(self, layer, init_drop_rate=0.1, temperature=0.2, rescale=False,
@@ -266,7 +267,8 @@ class VariationalDropPath(keras.layers.Wrapper):
             if self.charged_weights is None:
                 raise UserError(
                     f"{self.name}: weight_term=compute needs the gates' MACs; build the model "
-                    "with sf.build_template or call sf.assign_compute_prices(model, clip_shape)")
+                    "with sf.build_template, or call sf.assign_compute_prices(model, "
+                    "input_shape) once it is built or loaded")
             n = self.charged_weights
         else:
             n = float(np.prod(self.layer.kernel.shape))
@@ -395,7 +397,7 @@ class VariationalDropPath(keras.layers.Wrapper):
             init_drop_rate=self.init_drop_rate, temperature=self.temperature,
             rescale=self.rescale, noise=self.noise, regularizer=self.regularizer,
             length_scale=self.length_scale, dataset_size=self.dataset_size,
-            weight_term=self.weight_term, charged_weights=self.charged_weights)
+            weight_term=self.weight_term)
         return config
 
 
