@@ -150,6 +150,19 @@ def _read(path):
         return json.load(f)
 
 
+def searched_weight_terms(bench) -> list[str]:
+    """The weight terms the backbones' own (searched) templates were trained with, from
+    the run records: --searched_weight_term, else --weight_term."""
+    from stfusion_tf import run_record
+    out = set()
+    for task in bench.tasks:
+        for seed in range(bench.seeds):
+            flags = (run_record.read(bench.run_dir(task, seed)) or {}).get("flags") or {}
+            if flags:
+                out.add(flags.get("searched_weight_term") or flags.get("weight_term"))
+    return sorted(out)
+
+
 def collect(bench) -> dict:
     """Per task, backbone and spec: the cell of each template seed and their mean / std."""
     out = {}
@@ -279,10 +292,13 @@ def fidelity_rows(bench) -> list[dict]:
     return rows
 
 
-def markdown(cells, checks, fidelity, seconds, budget="the task configs'", weight_term="") -> str:
+def markdown(cells, checks, fidelity, seconds, budget="the task configs'", weight_term="",
+             searched_terms=()) -> str:
     lines = ["# Searched, transferred and uniform strategies on the backbones (Table 6)", "",
              f"Stand-alone budget: {budget} epochs. "
-             + (f"Templates' weight term: `{weight_term}`. " if weight_term else "") +
+             + (f"Templates' weight term: `{weight_term}`. " if weight_term else "")
+             + (f"Searched templates' weight term: `{', '.join(searched_terms)}`. "
+                if searched_terms else "") +
              f"Video top-1 % ({PROTOCOL}), mean +- std over template seeds (each cell the mean "
              "of its stand-alone training seeds; with one template seed, the std over its "
              "training seeds); GMACs per clip in brackets.", ""]
@@ -415,12 +431,14 @@ def main():
     fid = fidelity_rows(bench)
     report = {"protocol": PROTOCOL, "cost": "MACs per clip", "standalone_epochs": budget,
               "weight_term": a.weight_term or "the task config's",
+              "searched_weight_terms": searched_weight_terms(bench),
               "cells": cells, "targets": checks, "fidelity": fid,
               "seconds": None if a.report_only else round(time.time() - t0, 1)}
     from stfusion_tf import files
     files.write_json(os.path.join(a.out, "transfer.json"), report)
+    searched_terms = searched_weight_terms(bench)
     md = markdown(cells, checks, fid, None if a.report_only else time.time() - t0, budget,
-                  a.weight_term)
+                  a.weight_term, searched_terms)
     files.write_text(os.path.join(a.out, "transfer.md"), md)
     png = chart(cells)
     if png:

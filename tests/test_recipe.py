@@ -115,10 +115,12 @@ def test_docs_have_the_recipe_table():
 
 
 def test_searched_templates_take_their_own_weight_term(parse):
+    cli = parse("--weight_term=prior")
+    assert cli.gate_config(searched=True) == cli.gate_config()  # default: the run's
     path = os.path.join(ROOT, "configs", "synthetic_appearance.flags")
     cli = parse(f"--flagfile={path}")
-    assert cli.gate_config(searched=True) == cli.gate_config()  # default: the run's
-    cli = parse(f"--flagfile={path}", "--searched_weight_term=compute")
     assert cli.gate_config().weight_term == "prior"
     assert cli.gate_config(searched=True).weight_term == "compute"
     assert cli.gate_config(5, searched=True).dataset_size == 5
+    cli = parse(f"--flagfile={path}", "--searched_weight_term=norm")
+    assert cli.gate_config(searched=True).weight_term == "norm"
