@@ -173,12 +173,26 @@ def _backbone_init(cfg):
                                    FLAGS.inflate_branches, log=logging.warning)
 
 
+SEARCHED_WITH = "searched_with.json"
+
+
+def searched_weight_term(run_dir: str, default: str) -> str:
+    """The weight term a searched template in ``run_dir`` was trained with: its
+    ``analysis/searched_with.json``, else ``default`` (runs made before the file existed
+    were trained with the run's own --weight_term)."""
+    try:
+        from stfusion_tf import files
+        return files.read_json(os.path.join(run_dir, "analysis", SEARCHED_WITH))["weight_term"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return default
+
+
 def _searched(name, data_dir, model_dir) -> str:
     """The analysis directory of backbone ``name``'s own v-DropPath template: from
     --searched_runs, else trained and analysed under <model_dir>/searched/<name> with this
     run's recipe, data and seed (reused when complete; re-trained when damaged).  It starts
     from scratch even under --init_weights (the stand-alone networks are inflated)."""
-    from stfusion_tf import saved_template
+    from stfusion_tf import files, saved_template
     from stfusion_tf.analysis import report
     from stfusion_tf.model import backbones
     from stfusion_tf.model import template as tpl
@@ -186,9 +200,18 @@ def _searched(name, data_dir, model_dir) -> str:
     given = dict(s.split("=", 1) for s in FLAGS.searched_runs if "=" in s)
     run_dir = given.get(name) or os.path.join(model_dir, "searched", name)
     opt = os.path.join(run_dir, "analysis", "opt_strategy.json")
+    want = FLAGS.searched_weight_term or FLAGS.weight_term
     try:
         FusionStrategy.load(opt)
-        return os.path.dirname(opt)
+        got = searched_weight_term(run_dir, FLAGS.weight_term)
+        if name in given or got == want:
+            return os.path.dirname(opt)
+        kept = f"{run_dir}.weight_term-{got}"
+        while os.path.exists(kept):
+            kept += "+"
+        os.replace(run_dir, kept)
+        print(f"[generalize] {run_dir} was searched with --weight_term={got}, not {want}: "
+              f"searched again (the old search kept in {kept})", flush=True)
     except UserError as e:
         if name in given:
             raise UserError(f"--searched_runs: {e}; make it with python -m stfusion_tf.main "
@@ -210,6 +233,7 @@ def _searched(name, data_dir, model_dir) -> str:
                                                        run_dir, str(e), log=print)
     result = report.analyze(model, data_dir, run_dir, cli.input_config(), cli.analysis_config(),
                             log=say, jit_compile=FLAGS.jit_compile)
+    files.write_json(os.path.join(run_dir, "analysis", SEARCHED_WITH), {"weight_term": want})
     print(f"[generalize] searched {name}: Opt {result['opt']['code']}", flush=True)
     return os.path.dirname(opt)
 

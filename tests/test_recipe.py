@@ -124,3 +124,14 @@ def test_searched_templates_take_their_own_weight_term(parse):
     assert cli.gate_config(5, searched=True).dataset_size == 5
     cli = parse(f"--flagfile={path}", "--searched_weight_term=norm")
     assert cli.gate_config(searched=True).weight_term == "norm"
+
+
+def test_a_searched_run_says_which_weight_term_it_was_searched_with(tmp_path):
+    from stfusion_tf import modes
+    run = tmp_path / "searched" / "resnet_tiny"
+    assert modes.searched_weight_term(str(run), "prior") == "prior"  # made before the file
+    (run / "analysis").mkdir(parents=True)
+    (run / "analysis" / modes.SEARCHED_WITH).write_text('{"weight_term": "compute"}')
+    assert modes.searched_weight_term(str(run), "prior") == "compute"
+    (run / "analysis" / modes.SEARCHED_WITH).write_text('{"weight_te')  # torn: the default
+    assert modes.searched_weight_term(str(run), "prior") == "prior"
