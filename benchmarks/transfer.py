@@ -90,7 +90,7 @@ class Bench:
         for seed in range(self.seeds):
             for task in self.tasks:
                 run = self.run_dir(task, seed)
-                self.check_weight_term(run)
+                self.check_weight_term(task, run)
                 base = [*self.common(task), f"--model_dir={run}", f"--seed={seed}", "--backbones=",
                         *([f"--weight_term={self.weight_term}"] if self.weight_term else [])]
                 self._step(f"{task}_{seed}_train", os.path.join(run, "train_summary.json"),
@@ -113,18 +113,16 @@ class Bench:
                          f"--fidelity_strategies={self.fidelity_strategies}",
                          "--recalibrate_batches=16"])
 
-    def check_weight_term(self, run):
+    def check_weight_term(self, task, run):
         """Stop when ``run`` was trained with another weight term than asked for: its
         steps would be skipped and its cells reported under the wrong label."""
         from stfusion_tf import run_record
         got = ((run_record.read(run) or {}).get("flags") or {}).get("weight_term")
-        want = self.weight_term or (None if got is None else _config_flag(self.task_of(run),
-                                                                          "weight_term"))
-        if got and want and got != want:
+        if not got:
+            return
+        want = self.weight_term or _config_flag(task, "weight_term")
+        if want and got != want:
             sys.exit(f"{run} was trained with --weight_term={got}, not {want}: give another --out")
-
-    def task_of(self, run):
-        return os.path.basename(os.path.dirname(run))
 
     def _table_done(self, run):
         """generalization.json once it holds every cell (else a marker that never exists)."""
@@ -168,7 +166,7 @@ def collect(bench) -> dict:
     out = {}
     for task in bench.tasks:
         for seed in range(bench.seeds):
-            bench.check_weight_term(bench.run_dir(task, seed))
+            bench.check_weight_term(task, bench.run_dir(task, seed))
             path = os.path.join(bench.run_dir(task, seed), "analysis", "generalization.json")
             if not os.path.exists(path):
                 continue
@@ -431,14 +429,14 @@ def main():
     cells = collect(bench)
     checks = targets(cells)
     fid = fidelity_rows(bench)
+    searched_terms = searched_weight_terms(bench)
     report = {"protocol": PROTOCOL, "cost": "MACs per clip", "standalone_epochs": budget,
               "weight_term": a.weight_term or "the task config's",
-              "searched_weight_terms": searched_weight_terms(bench),
+              "searched_weight_terms": searched_terms,
               "cells": cells, "targets": checks, "fidelity": fid,
               "seconds": None if a.report_only else round(time.time() - t0, 1)}
     from stfusion_tf import files
     files.write_json(os.path.join(a.out, "transfer.json"), report)
-    searched_terms = searched_weight_terms(bench)
     md = markdown(cells, checks, fid, None if a.report_only else time.time() - t0, budget,
                   a.weight_term, searched_terms)
     files.write_text(os.path.join(a.out, "transfer.md"), md)

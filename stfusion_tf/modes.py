@@ -180,8 +180,8 @@ def searched_weight_term(run_dir: str, default: str) -> str:
     """The weight term a searched template in ``run_dir`` was trained with: its
     ``analysis/searched_with.json``, else ``default`` (runs made before the file existed
     were trained with the run's own --weight_term)."""
+    from stfusion_tf import files
     try:
-        from stfusion_tf import files
         return files.read_json(os.path.join(run_dir, "analysis", SEARCHED_WITH))["weight_term"]
     except (OSError, ValueError, KeyError, TypeError):
         return default
@@ -200,7 +200,7 @@ def _searched(name, data_dir, model_dir) -> str:
     given = dict(s.split("=", 1) for s in FLAGS.searched_runs if "=" in s)
     run_dir = given.get(name) or os.path.join(model_dir, "searched", name)
     opt = os.path.join(run_dir, "analysis", "opt_strategy.json")
-    want = FLAGS.searched_weight_term or FLAGS.weight_term
+    want = cli.gate_config(searched=True).weight_term
     try:
         FusionStrategy.load(opt)
         got = searched_weight_term(run_dir, FLAGS.weight_term)

@@ -206,14 +206,11 @@ class VariationalDropPath(keras.layers.Wrapper):
       length_scale: k, the length-scale prior.
       dataset_size: N, the number of training examples.
       weight_term: ``"norm"``, ``"prior"`` or ``"compute"`` (see module docstring).
-      charged_weights: under ``"compute"``, the number of weights this gate is charged
-        for (set by ``analysis.cost.assign_compute_prices``).  Not saved: a ``Template``
-        assigns it again when it is rebuilt; a network of your own, after loading.
     """
 
     def __init__(self, layer, init_drop_rate=0.1, temperature=0.2, rescale=False,
                  noise="path", regularizer="code", length_scale=1.0,
-                 dataset_size=1, weight_term="norm", charged_weights=None, **kwargs):
+                 dataset_size=1, weight_term="norm", **kwargs):
         # No autocast: under a mixed precision policy the drop logits, the relaxed
         # sample and the regulariser (which reads the kernel) stay float32; the
         # wrapped layer still computes in the policy's compute dtype.
@@ -222,7 +219,10 @@ class VariationalDropPath(keras.layers.Wrapper):
         check_gate_args(init_drop_rate, temperature, regularizer, length_scale, dataset_size,
                         weight_term)
         self.weight_term = weight_term
-        self.charged_weights = None if charged_weights is None else float(charged_weights)
+        #: Under ``"compute"``: the weights this gate is charged for, set by
+        #: ``analysis.cost.assign_compute_prices``.  Not saved: a ``Template`` assigns it
+        #: again when it is rebuilt; a network of your own, after loading.
+        self.charged_weights = None
         self.init_drop_rate = float(init_drop_rate)
         self.temperature = float(temperature)
         self.rescale = bool(rescale)
